@@ -1,0 +1,3 @@
+"""relay: a durable webhook relay daemon."""
+
+__version__ = "0.1.0"
