@@ -1,0 +1,199 @@
+"""The daemon: start everything in order, serve until told to stop, stop in order.
+
+This module owns the process lifecycle (SPEC §7): it is the only one that
+handles signals. `serve` enters the resources (journal, deliverer, listeners)
+in one place, runs the maintenance timers (WAL checkpoint, retention), waits
+for the shutdown trigger, and then runs `shutdown`, the one ordered and
+bounded stop: not ready → stop accepting → let in-flight deliveries finish
+within `shutdown_grace` → close the journal. The trigger is injectable, so
+tests and embedders can stop the daemon without signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from relay import __version__, logs
+from relay.delivery import Deliverer, open_deliverer
+from relay.ingress import (
+    Health,
+    Inbound,
+    Listener,
+    Routing,
+    admin_handler,
+    listen,
+    make_ssl_context,
+)
+from relay.journal import Journal, JournalError, open_journal
+from relay.model import Config
+from relay.notify import Notifier
+
+log = logs.get_logger()
+
+CHECKPOINT_EVERY_S = 10.0
+PRUNE_EVERY_S = 60.0
+PRUNE_BATCH = 500
+FORCED_EXIT_CODE = 1
+
+
+@dataclass
+class Running:
+    """What `serve` started, as `shutdown` needs it."""
+
+    config: Config
+    journal: Journal
+    deliverer: Deliverer
+    inbound: Listener
+    admin: Listener
+    health: Health
+
+
+async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -> int:
+    """Run the daemon until `shutdown_trigger` is set (by default: SIGTERM/SIGINT). Exit code."""
+    trigger = shutdown_trigger or asyncio.Event()
+    if shutdown_trigger is None:
+        _install_signal_handlers(trigger)
+    health = Health()
+    server = config.server
+    async with contextlib.AsyncExitStack() as stack:
+        journal = await stack.enter_async_context(open_journal(server.journal, server.sync))
+        health.journal = journal
+        deliverer = await stack.enter_async_context(open_deliverer(journal))
+        admin = await listen(
+            admin_handler(health),
+            server.admin,
+            idle_timeout_s=server.idle_timeout_s,
+            shutdown_timeout_s=1.0,
+        )
+        stack.push_async_callback(admin.runner.cleanup)
+        inbound_handler = Inbound(Routing.of(config), journal, deliverer.notify)
+        ssl_context = (
+            make_ssl_context(str(server.tls_cert), str(server.tls_key))
+            if server.tls_cert and server.tls_key
+            else None
+        )
+        inbound = await listen(
+            inbound_handler,
+            server.listen,
+            idle_timeout_s=server.idle_timeout_s,
+            shutdown_timeout_s=server.read_timeout_s,
+            ssl_context=ssl_context,
+        )
+        stack.push_async_callback(inbound.runner.cleanup)
+        deliverer.start(config)
+        running = Running(config, journal, deliverer, inbound, admin, health)
+        maintenance = asyncio.create_task(_maintain(journal, config))
+        health.serving = True
+        await _log_started(running)
+        notifier = Notifier()
+        notifier.send("READY=1", f"STATUS=serving on {inbound.address}")
+        watchdog = _start_watchdog(notifier)
+        await trigger.wait()
+        notifier.send("STOPPING=1", "STATUS=stopping")
+        for task in (maintenance, watchdog):
+            if task is not None:
+                task.cancel()
+        await shutdown(running)
+        log.info("relay.stopped", pending=await _pending(journal), in_flight=0)
+    return 0
+
+
+async def shutdown(running: Running) -> None:
+    """The ordered, bounded stop: not ready, stop accepting, finish in-flight, leave the rest."""
+    running.health.stopping = True
+    log.info(
+        "relay.stopping",
+        pending=await _pending(running.journal),
+        in_flight=running.deliverer.in_flight,
+    )
+    await running.inbound.runner.cleanup()  # no new webhooks; requests under way finish
+    cut = await running.deliverer.stop(running.config.server.shutdown_grace_s)
+    if cut:
+        log.warning("relay.grace_exceeded", cancelled=cut, note="left pending in the journal")
+
+
+async def _log_started(running: Running) -> None:
+    config = running.config
+    log.info(
+        "relay.started",
+        version=__version__,
+        listen=str(running.inbound.address),
+        admin=str(running.admin.address),
+        journal=str(config.server.journal),
+        sync=config.server.sync,
+        synchronous=running.journal.synchronous,
+        sources=len(config.sources),
+        routes=len(config.routes),
+        targets=len(config.targets),
+        pending=await _pending(running.journal),
+        pid=os.getpid(),
+    )
+
+
+async def _pending(journal: Journal) -> int | None:
+    try:
+        return await journal.pending_count()
+    except Exception:  # noqa: BLE001 - a count for a log line must never stop the daemon
+        return None
+
+
+async def _maintain(journal: Journal, config: Config) -> None:
+    """Checkpoint the WAL every few seconds; delete finished events past `retention`."""
+    next_prune = time.monotonic()
+    while True:
+        await asyncio.sleep(CHECKPOINT_EVERY_S)
+        try:
+            await journal.checkpoint()
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + PRUNE_EVERY_S
+                await _prune(journal, config.server.retention_s)
+        except JournalError as error:
+            log.error("journal.maintenance_failed", error=str(error))
+
+
+async def _prune(journal: Journal, retention_s: float) -> None:
+    before_ms = int((time.time() - retention_s) * 1000)
+    deleted = 0
+    while True:
+        batch = await journal.prune(before_ms, PRUNE_BATCH)
+        deleted += batch
+        if batch < PRUNE_BATCH:
+            break
+        await asyncio.sleep(0)  # let ingest batches in between
+    if deleted:
+        log.info("journal.pruned", events=deleted, retention_s=retention_s)
+
+
+def _start_watchdog(notifier: Notifier) -> asyncio.Task[None] | None:
+    """Ping systemd's watchdog from the event loop, so a stuck loop gets the process restarted."""
+    interval_s = notifier.watchdog_interval_s
+    if interval_s is None:
+        return None
+
+    async def ping() -> None:
+        while True:
+            notifier.send("WATCHDOG=1")
+            await asyncio.sleep(interval_s)
+
+    return asyncio.create_task(ping())
+
+
+def _install_signal_handlers(trigger: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_interrupt() -> None:
+        if trigger.is_set():  # the second SIGINT: stop at once (acknowledged events are on disk)
+            os._exit(FORCED_EXIT_CODE)
+        trigger.set()
+
+    loop.add_signal_handler(signal.SIGTERM, trigger.set)
+    loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    loop.add_signal_handler(
+        signal.SIGHUP,
+        lambda: log.warning("config.reload_failed", errors=["reload is not supported yet"]),
+    )

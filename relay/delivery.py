@@ -1,0 +1,385 @@
+"""Delivery: per-target lanes that send pending deliveries to their targets.
+
+This module owns the only `aiohttp.ClientSession` (SPEC §4). Each target has
+a lane: it pulls a bounded window of due deliveries from the journal (so a
+backlog of any size is never in memory), keeps at most `concurrency` requests
+in flight, builds each request (original body and headers minus hop-by-hop,
+`Host` and `Content-Length`, then the target's headers and relay's own), sends
+it without following redirects, keeps at most 64 KiB of the answer, asks
+`relay.policy` what the result means, and has the journal record the attempt
+(group-committed with others). A `log:` target writes the request to the log
+instead. The lane never speaks SQL; a delivery is in at most one lane's hands
+until its outcome is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDict
+
+from relay import logs, policy
+from relay.journal import AttemptRecord, DueDelivery, Journal, JournalError
+from relay.model import Config, TargetConfig
+
+log = logs.get_logger()
+
+MAX_RESPONSE_BYTES = 64 * 1024
+LOG_BODY_BYTES = 4 * 1024
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "expect",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """What one request produced: a status (and up to 64 KiB of body), or an error."""
+
+    status: int | None
+    error: str | None
+    response: bytes | None = None
+    retry_after: str | None = None
+
+    @property
+    def failure(self) -> str:
+        return f"HTTP {self.status}" if self.status is not None else self.error or "no response"
+
+
+def outbound_headers(
+    original: Iterable[tuple[str, str]],
+    target: TargetConfig,
+    delivery: DueDelivery,
+    attempt: int,
+) -> CIMultiDict[str]:
+    """The request headers of SPEC §4 for one attempt."""
+    pairs = list(original)
+    named_by_connection = {
+        token.strip().lower()
+        for name, value in pairs
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    headers: CIMultiDict[str] = CIMultiDict(
+        (name, value)
+        for name, value in pairs
+        if name.lower() not in HOP_BY_HOP and name.lower() not in named_by_connection
+    )
+    for name, value in target.headers.items():
+        headers[name] = value
+    headers["webhook-id"] = delivery.id
+    headers["X-Relay-Event-Id"] = delivery.event_id
+    headers["X-Relay-Source"] = delivery.source
+    headers["X-Relay-Attempt"] = str(attempt)
+    return headers
+
+
+async def read_limited(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """At most `limit` bytes of a response body."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    target: TargetConfig,
+    delivery: DueDelivery,
+    headers: Mapping[str, str],
+) -> AttemptResult:
+    """One HTTP attempt; never raises for network trouble, it returns it."""
+    try:
+        async with session.request(
+            target.method,
+            target.url,
+            data=delivery.body,
+            headers=headers,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=target.timeout_s),
+        ) as response:
+            body = await read_limited(response.content, MAX_RESPONSE_BYTES)
+            return AttemptResult(
+                response.status,
+                None,
+                body,
+                response.headers.get("Retry-After"),
+            )
+    except TimeoutError:
+        return AttemptResult(None, f"timeout after {target.timeout_s:g}s")
+    except (aiohttp.ClientError, OSError) as error:
+        return AttemptResult(None, f"{type(error).__name__}: {error}".strip().rstrip(":"))
+
+
+def log_request(target: TargetConfig, delivery: DueDelivery, headers: Mapping[str, str]) -> None:
+    """What a `log:` target does instead of sending."""
+    log.info(
+        "delivery.logged",
+        delivery_id=delivery.id,
+        event_id=delivery.event_id,
+        target=target.name,
+        route=delivery.route,
+        method=target.method,
+        headers=logs.mask_headers(headers.items()),
+        body=delivery.body[:LOG_BODY_BYTES].decode("utf-8", errors="replace"),
+    )
+
+
+class Lane:
+    """One target's queue: a window of due deliveries, at most `concurrency` in flight."""
+
+    def __init__(self, target: TargetConfig, journal: Journal, session: aiohttp.ClientSession):
+        self.target = target
+        self._journal = journal
+        self._session = session
+        self._window = max(16, 4 * target.concurrency)
+        self._ready: deque[DueDelivery] = deque()
+        self._held: set[str] = set()  # in the window, in flight, or outcome not yet committed
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(target.concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self.in_flight = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            if not self._ready and not await self._refill():
+                continue
+            await self._slots.acquire()
+            if self._stopping or not self._ready:
+                self._slots.release()
+                continue
+            delivery = self._ready.popleft()
+            task = asyncio.create_task(self._attempt(delivery))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _refill(self) -> bool:
+        """Load due deliveries; when none, wait for a wake-up or the next due time."""
+        self._wake.clear()  # before the query: a wake-up during it is not lost
+        now = _now_ms()
+        rows = await self._journal.due(self.target.name, now, self._window, self._held)
+        if rows:
+            self._ready.extend(rows)
+            self._held.update(row.id for row in rows)
+            return True
+        next_ms = await self._journal.next_due_ms(self.target.name, self._held)
+        timeout_s = None if next_ms is None else max(0.0, (next_ms - _now_ms()) / 1000)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout_s)
+        return False
+
+    async def _attempt(self, delivery: DueDelivery) -> None:
+        target = self.target  # the settings current at this attempt
+        try:
+            if policy.expired(
+                received_at_s=delivery.created_at_ms / 1000,
+                now_s=time.time(),
+                retry=target.retry,
+            ):
+                self._slots.release()
+                await self._expire(delivery, target)
+                return
+            await self._send_and_record(delivery, target)
+        finally:
+            self._held.discard(delivery.id)
+            self._wake.set()  # a retry may now be the next one due
+
+    async def _send_and_record(self, delivery: DueDelivery, target: TargetConfig) -> None:
+        attempt = delivery.attempts + 1
+        headers = outbound_headers(delivery.headers, target, delivery, attempt)
+        started_ms = _now_ms()
+        started = time.perf_counter()
+        self.in_flight += 1
+        try:
+            if target.is_log:
+                log_request(target, delivery, headers)
+                result = AttemptResult(None, None)
+            else:
+                result = await send(self._session, target, delivery, headers)
+        except Exception as error:  # a bug here must cost one attempt, not make a hot loop
+            log.exception("delivery.internal_error", delivery_id=delivery.id, target=target.name)
+            result = AttemptResult(None, f"internal error: {type(error).__name__}: {error}")
+        finally:
+            self.in_flight -= 1
+            self._slots.release()
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        outcome = (
+            policy.Outcome.DELIVERED
+            if target.is_log and result.error is None
+            else policy.classify(result.status, target.retry_on)
+        )
+        step = policy.next_step(
+            outcome=outcome,
+            attempt=attempt,
+            retry=target.retry,
+            received_at_s=delivery.created_at_ms / 1000,
+            now_s=time.time(),
+            jitter=random.random(),
+            failure=result.failure,
+        )
+        record = AttemptRecord(
+            delivery_id=delivery.id,
+            event_id=delivery.event_id,
+            n=attempt,
+            started_at_ms=started_ms,
+            ms=round(elapsed_ms, 3),
+            status=result.status,
+            error=result.error,
+            response=result.response,
+            outcome="pending" if step.outcome is policy.Outcome.RETRY else step.outcome.value,
+            next_at_ms=int((step.next_at_s or 0) * 1000),
+            reason=step.reason,
+        )
+        try:
+            await self._journal.record(record)
+        except JournalError as error:
+            log.error("journal.write_failed", error=str(error), delivery_id=delivery.id)
+            return  # still pending in the journal: it will be attempted again
+        self._log_attempt(delivery, target, attempt, result, step, elapsed_ms)
+
+    def _log_attempt(
+        self,
+        delivery: DueDelivery,
+        target: TargetConfig,
+        attempt: int,
+        result: AttemptResult,
+        step: policy.Step,
+        elapsed_ms: float,
+    ) -> None:
+        fields = {
+            "delivery_id": delivery.id,
+            "event_id": delivery.event_id,
+            "target": target.name,
+            "route": delivery.route,
+            "attempt": attempt,
+            "status": result.status,
+            "ms": round(elapsed_ms, 3),
+        }
+        if step.outcome is policy.Outcome.DELIVERED:
+            log.info("delivery.succeeded", **fields)
+        elif step.outcome is policy.Outcome.RETRY:
+            retry_in_s = round((step.next_at_s or 0) - time.time(), 3)
+            log.warning("delivery.failed", error=result.error, retry_in_s=retry_in_s, **fields)
+        else:
+            log.error("delivery.dead", error=result.error, reason=step.reason, **fields)
+
+    async def _expire(self, delivery: DueDelivery, target: TargetConfig) -> None:
+        reason = (
+            f"max_age {target.retry.max_age_s:g}s exceeded before attempt {delivery.attempts + 1}"
+        )
+        try:
+            await self._journal.expire(delivery.id, delivery.event_id, reason)
+        except JournalError as error:
+            log.error("journal.write_failed", error=str(error), delivery_id=delivery.id)
+            return
+        log.error(
+            "delivery.dead",
+            delivery_id=delivery.id,
+            event_id=delivery.event_id,
+            target=target.name,
+            route=delivery.route,
+            attempt=delivery.attempts,
+            status=None,
+            ms=0,
+            reason=reason,
+        )
+
+    def stop_taking(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def finish(self, timeout_s: float) -> int:
+        """Wait up to `timeout_s` for in-flight attempts; cancel the rest. How many were cut."""
+        tasks = set(self._tasks)
+        if not tasks:
+            return 0
+        _done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return len(pending)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Deliverer:
+    """All lanes, and the HTTP client they share."""
+
+    def __init__(self, journal: Journal, session: aiohttp.ClientSession) -> None:
+        self._journal = journal
+        self._session = session
+        self.lanes: dict[str, Lane] = {}
+        self._runners: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, config: Config) -> None:
+        for name, target in config.targets.items():
+            lane = Lane(target, self._journal, self._session)
+            self.lanes[name] = lane
+            self._runners[name] = asyncio.create_task(lane.run(), name=f"lane-{name}")
+
+    def notify(self, targets: Iterable[str]) -> None:
+        """New deliveries were committed for these targets."""
+        for name in targets:
+            lane = self.lanes.get(name)
+            if lane is not None:
+                lane.wake()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(lane.in_flight for lane in self.lanes.values())
+
+    async def stop(self, grace_s: float) -> int:
+        """Stop starting attempts; let in-flight ones finish within `grace_s`. How many were cut."""
+        for lane in self.lanes.values():
+            lane.stop_taking()
+        for runner in self._runners.values():
+            runner.cancel()
+        await asyncio.gather(*self._runners.values(), return_exceptions=True)
+        deadline = time.monotonic() + grace_s
+        cut = 0
+        for lane in self.lanes.values():
+            cut += await lane.finish(max(0.0, deadline - time.monotonic()))
+        return cut
+
+
+@contextlib.asynccontextmanager
+async def open_deliverer(journal: Journal) -> AsyncIterator[Deliverer]:
+    """The deliverer and its ClientSession; the session is closed on exit."""
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, enable_cleanup_closed=True)
+    async with aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent",),
+    ) as session:
+        yield Deliverer(journal, session)

@@ -1,0 +1,50 @@
+"""Identifiers: `evt_`/`dlv_` + a 26-character ULID (48-bit millisecond time, 80 random bits).
+
+ULIDs sort by creation time, so ids are also the journal's natural order. Within one
+millisecond the random part is incremented, so ids made by this process never go backwards.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_lock = threading.Lock()
+_last_ms = 0
+_last_random = 0
+
+
+def _encode(value: int, length: int) -> str:
+    chars = []
+    for _ in range(length):
+        chars.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def ulid(now_ms: int | None = None) -> str:
+    """A new ULID string; monotonic within this process."""
+    global _last_ms, _last_random
+    ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    with _lock:
+        if ms <= _last_ms and _last_random < (1 << 80) - 1:
+            ms = _last_ms
+            _last_random += 1
+        elif ms <= _last_ms:  # the random part is exhausted: move on to the next millisecond
+            ms = _last_ms = _last_ms + 1
+            _last_random = int.from_bytes(os.urandom(10), "big") >> 1
+        else:
+            _last_ms = ms
+            _last_random = int.from_bytes(os.urandom(10), "big")
+        random_part = _last_random
+    return _encode(ms, 10) + _encode(random_part, 16)
+
+
+def event_id(now_ms: int | None = None) -> str:
+    return "evt_" + ulid(now_ms)
+
+
+def delivery_id(now_ms: int | None = None) -> str:
+    return "dlv_" + ulid(now_ms)

@@ -1,0 +1,337 @@
+"""Ingress: the HTTP listeners, and the per-request pipeline of an inbound webhook.
+
+This module is the only one that imports `aiohttp.web`. It owns the inbound
+listener (SPEC §3): route by path and method, `allow_from`, the declared and
+the actual body size, the body's `read_timeout`, parsing for the rules, route
+decisions, the journal append (the reply is sent only after the commit) and
+the reply; and the admin listener's `/healthz` and `/readyz` (SPEC §6). It
+never speaks SQL: it hands a `NewEvent` to the journal. Bad input of any kind
+gets a 4xx with a one-line reason and an `event.rejected` log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import ssl
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.web_exceptions import HTTPException
+from aiohttp.web_protocol import RequestPayloadError
+
+from relay import ids, logs
+from relay.journal import Journal, JournalError, NewDelivery, NewEvent
+from relay.model import Address, Config, RouteConfig, SourceConfig
+from relay.rules import BodyError, decide_routes, event_document, normalize_headers, parse_body
+
+log = logs.get_logger()
+
+READ_CHUNK_BYTES = 64 * 1024
+JOURNAL_RETRY_AFTER_S = 5
+MAX_HEADERS = 100
+MAX_FIELD_BYTES = 8190
+LINGER_S = 1.0
+
+
+@dataclass
+class Health:
+    """What /readyz reports: serving, not stopping, and the journal writable."""
+
+    serving: bool = False
+    stopping: bool = False
+    journal: Journal | None = None
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self.serving and not self.stopping and self.journal is not None and self.journal.healthy
+        )
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The routing table of one config: path -> source, source -> routes."""
+
+    config: Config
+    by_path: Mapping[str, SourceConfig] = field(default_factory=dict)
+    routes: Mapping[str, tuple[RouteConfig, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, config: Config) -> Routing:
+        return cls(
+            config,
+            {s.path: s for s in config.sources.values()},
+            {name: config.routes_of(name) for name in config.sources},
+        )
+
+
+class Rejected(Exception):
+    """A request answered with a 4xx (or 503); `reason` is the one-line explanation."""
+
+    def __init__(self, status: int, reason: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = dict(headers or {})
+
+
+def _json(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps(payload),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _utc_iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+
+
+class Inbound:
+    """The inbound webhook handler; `routing` is swapped whole on reload."""
+
+    def __init__(
+        self,
+        routing: Routing,
+        journal: Journal,
+        on_accepted: Callable[[Sequence[str]], None],
+    ) -> None:
+        self.routing = routing
+        self._journal = journal
+        self._on_accepted = on_accepted
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        routing = self.routing  # one config for the whole request, even across a reload
+        source = routing.by_path.get(request.path)
+        try:
+            if source is None:
+                raise Rejected(404, f"no source at {request.path}")
+            return await self._accept(request, routing, source, started)
+        except Rejected as rejected:
+            log.info(
+                "event.rejected",
+                source=source.name if source else None,
+                status=rejected.status,
+                reason=rejected.reason,
+                remote=request.remote,
+                path=request.path,
+            )
+            response = _json(rejected.status, {"error": rejected.reason}, rejected.headers)
+            if rejected.status in (408, 413):
+                response.force_close()  # the rest of the body is not worth reading
+            return response
+
+    async def _accept(
+        self, request: web.BaseRequest, routing: Routing, source: SourceConfig, started: float
+    ) -> web.StreamResponse:
+        check_request(request, source)
+        body = await read_body(request, source.max_body_bytes, routing.config.server.read_timeout_s)
+        received_ms = time.time_ns() // 1_000_000
+        event_id = ids.event_id(received_ms)
+        headers = list(request.headers.items())
+        content_type = request.headers.get("Content-Type", "")
+        try:
+            parsed = parse_body(content_type, decode_content(request, body, source.max_body_bytes))
+        except BodyError as error:
+            raise Rejected(400, str(error)) from None
+        document = event_document(
+            event_id=event_id,
+            source=source.name,
+            method=request.method,
+            path=request.path,
+            query=dict(request.query),
+            headers=normalize_headers(headers),
+            body=parsed,
+            received_at=_utc_iso(received_ms),
+        )
+        routes = routing.routes.get(source.name, ())
+        decisions = decide_routes(routes, document)
+        matched = {d.name for d in decisions if d.matched}
+        deliveries = [
+            NewDelivery(ids.delivery_id(received_ms), route.name, target)
+            for route in routes
+            if route.name in matched
+            for target in route.targets
+        ]
+        event = NewEvent(
+            id=event_id,
+            source=source.name,
+            received_at_ms=received_ms,
+            method=request.method,
+            path=request.path,
+            query=request.query_string,
+            headers=headers,
+            body=body,
+            routes=[{"name": d.name, "matched": d.matched, "error": d.error} for d in decisions],
+            deliveries=deliveries,
+        )
+        try:
+            await self._journal.append(event)
+        except JournalError as error:
+            log.error("journal.write_failed", error=str(error), event_id=event_id)
+            raise Rejected(
+                503,
+                "journal unavailable, try again later",
+                {"Retry-After": str(JOURNAL_RETRY_AFTER_S)},
+            ) from None
+        if deliveries:
+            self._on_accepted(sorted({d.target for d in deliveries}))
+        log.info(
+            "event.accepted",
+            event_id=event_id,
+            source=source.name,
+            routes=sorted(matched),
+            deliveries=len(deliveries),
+            bytes=len(body),
+            ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        return _json(source.ack_status, {"id": event_id, "deliveries": len(deliveries)})
+
+
+def check_request(request: web.BaseRequest, source: SourceConfig) -> None:
+    """Method, peer address and declared length, before any of the body is read."""
+    if request.method not in source.methods:
+        raise Rejected(
+            405,
+            f"method {request.method} not allowed at {request.path}",
+            {"Allow": ", ".join(source.methods)},
+        )
+    if source.allow_from and not _peer_allowed(request.remote, source):
+        raise Rejected(403, "source address not allowed")
+    declared = request.content_length
+    if declared is not None and declared > source.max_body_bytes:
+        raise Rejected(413, f"body of {declared} bytes exceeds max_body {source.max_body_bytes}")
+
+
+def _peer_allowed(remote: str | None, source: SourceConfig) -> bool:
+    try:
+        peer = ipaddress.ip_address(remote or "")
+    except ValueError:
+        return False
+    return any(peer in network for network in source.allow_from)
+
+
+async def read_body(request: web.BaseRequest, max_body_bytes: int, timeout_s: float) -> bytes:
+    """The whole body within `timeout_s` (408) and `max_body_bytes` (413)."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                chunk = await request.content.read(READ_CHUNK_BYTES)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > max_body_bytes:
+                    raise Rejected(413, f"body exceeds max_body {max_body_bytes} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise Rejected(408, f"body not received within read_timeout {timeout_s:g}s") from None
+    except HTTPException as error:  # aiohttp's own limits
+        raise Rejected(error.status, error.reason) from None
+    except (ConnectionError, RequestPayloadError, ValueError) as error:
+        raise Rejected(400, f"could not read body: {error}") from None
+    return b"".join(chunks)
+
+
+def decode_content(request: web.BaseRequest, body: bytes, max_bytes: int) -> bytes:
+    """The body for parsing: decompressed per Content-Encoding (the journal keeps it as sent)."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise Rejected(415, f"unsupported Content-Encoding {encoding}")
+    window = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    try:
+        decoder = zlib.decompressobj(window)
+        data = decoder.decompress(body, max_bytes + 1)
+    except zlib.error as error:
+        raise Rejected(400, f"body is not valid {encoding}: {error}") from None
+    if len(data) > max_bytes:
+        raise Rejected(413, f"decompressed body exceeds max_body {max_bytes} bytes")
+    return data
+
+
+def admin_handler(health: Health) -> Callable[[web.BaseRequest], Any]:
+    """The admin listener: /healthz and /readyz (the admin API comes later)."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        if request.path == "/healthz":
+            return _json(200, {"ok": True})
+        if request.path == "/readyz":
+            if health.journal is not None and not health.journal.healthy and not health.stopping:
+                await health.journal.probe()
+            if health.ready:
+                return _json(200, {"ready": True})
+            return _json(503, {"ready": False, "reason": _not_ready_reason(health)})
+        return _json(404, {"error": f"no such endpoint {request.path}"})
+
+    return handle
+
+
+def _not_ready_reason(health: Health) -> str:
+    if health.stopping:
+        return "stopping"
+    if not health.serving:
+        return "starting"
+    return "journal unavailable"
+
+
+@dataclass
+class Listener:
+    """A running listener: its runner, and the address it actually bound."""
+
+    runner: web.ServerRunner
+    address: Address
+
+
+async def listen(
+    handler: Callable[[web.BaseRequest], Any],
+    address: Address,
+    *,
+    idle_timeout_s: float,
+    shutdown_timeout_s: float,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Listener:
+    """Start serving `handler` on `address`; `idle_timeout_s` bounds keep-alive and headers."""
+    server = web.Server(
+        handler,
+        handler_cancellation=False,  # a client that goes away cannot abort a journal write
+        keepalive_timeout=idle_timeout_s,  # also closes connections that never finish headers
+        access_log=None,
+        max_headers=MAX_HEADERS,
+        max_field_size=MAX_FIELD_BYTES,
+        auto_decompress=False,  # the journal keeps the body exactly as it was sent
+        lingering_time=LINGER_S,  # after a 408/413, drain the unread body this long, then close
+    )
+    runner = web.ServerRunner(server, shutdown_timeout=shutdown_timeout_s)
+    await runner.setup()
+    site = web.TCPSite(
+        runner,
+        address.host,
+        address.port,
+        ssl_context=ssl_context,
+        backlog=1024,
+        reuse_address=True,
+    )
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    host, port = runner.addresses[0][:2]
+    return Listener(runner, Address(host, port))
+
+
+def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context

@@ -1,0 +1,539 @@
+"""The journal: every SQL statement relay runs, behind a small async interface.
+
+This module owns the SQLite file (SPEC §5): the schema, WAL mode and the
+`synchronous` level, and the one writer thread that commits every waiting
+write — new events with their deliveries, attempt outcomes, prunes — in one
+transaction (group commit) and then answers all of them at once. Reads (due
+deliveries, counts) go through a separate aiosqlite connection, which WAL lets
+run beside the writer. Nothing else in relay speaks SQL; the interface
+(`append`, `due`, `next_due_ms`, `record`, `prune`, `checkpoint`, counts) is
+narrow enough that another database could sit behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosqlite
+import orjson
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 5000
+MAX_BATCH_OPS = 1024
+JOURNAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id             TEXT PRIMARY KEY,     -- evt_<ULID>, time ordered
+    source         TEXT NOT NULL,
+    received_at_ms INTEGER NOT NULL,     -- Unix time in milliseconds
+    method         TEXT NOT NULL,
+    path           TEXT NOT NULL,
+    query          TEXT NOT NULL,        -- raw query string, without '?'
+    headers        TEXT NOT NULL,        -- JSON [[name, value], ...] as received
+    body           BLOB NOT NULL,        -- raw bytes as received
+    status         TEXT NOT NULL,        -- pending | delivered | dead | unrouted
+    dedupe_key     TEXT,
+    routes         TEXT NOT NULL,        -- JSON [{"name", "matched", "error"}, ...]
+    finished_at_ms INTEGER               -- when the last delivery finished
+);
+CREATE INDEX IF NOT EXISTS events_finished
+    ON events (received_at_ms) WHERE status != 'pending';
+CREATE INDEX IF NOT EXISTS events_source ON events (source, id);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id            TEXT PRIMARY KEY,      -- dlv_<ULID>; sent as webhook-id
+    event_id      TEXT NOT NULL REFERENCES events (id),
+    route         TEXT NOT NULL,
+    target        TEXT NOT NULL,
+    status        TEXT NOT NULL,         -- pending | delivered | dead
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    next_at_ms    INTEGER NOT NULL,      -- when a pending delivery is due
+    created_at_ms INTEGER NOT NULL,      -- the event's arrival (for max_age)
+    last_error    TEXT,                  -- the last failure; the reason when dead
+    order_key     TEXT
+);
+CREATE INDEX IF NOT EXISTS deliveries_due
+    ON deliveries (target, next_at_ms, id) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id);
+CREATE TABLE IF NOT EXISTS attempts (
+    delivery_id   TEXT NOT NULL,
+    n             INTEGER NOT NULL,      -- 1, 2, ... (X-Relay-Attempt)
+    started_at_ms INTEGER NOT NULL,
+    ms            REAL NOT NULL,         -- duration
+    status        INTEGER,               -- HTTP status, NULL when no response
+    error         TEXT,                  -- connection error, timeout, ...
+    response      BLOB,                  -- first 64 KiB of the response body
+    PRIMARY KEY (delivery_id, n)
+);
+"""
+
+EventStatus = Literal["pending", "delivered", "dead", "unrouted"]
+DeliveryStatus = Literal["pending", "delivered", "dead"]
+
+
+class JournalError(Exception):
+    """The journal could not take a write (disk full, I/O error, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewDelivery:
+    id: str
+    route: str
+    target: str
+    order_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    id: str
+    source: str
+    received_at_ms: int
+    method: str
+    path: str
+    query: str
+    headers: Sequence[tuple[str, str]]
+    body: bytes
+    routes: Sequence[dict[str, Any]]
+    deliveries: Sequence[NewDelivery]
+    dedupe_key: str | None = None
+
+    @property
+    def status(self) -> EventStatus:
+        return "pending" if self.deliveries else "unrouted"
+
+
+@dataclass(frozen=True, slots=True)
+class DueDelivery:
+    """A pending delivery with what is needed to send it."""
+
+    id: str
+    event_id: str
+    route: str
+    target: str
+    attempts: int
+    created_at_ms: int
+    source: str
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One finished attempt and the delivery's state after it."""
+
+    delivery_id: str
+    event_id: str
+    n: int
+    started_at_ms: int
+    ms: float
+    status: int | None
+    error: str | None
+    response: bytes | None
+    outcome: DeliveryStatus
+    next_at_ms: int
+    reason: str | None
+
+
+WriteFn = Callable[[sqlite3.Connection], Any]
+
+
+@dataclass(slots=True)
+class _Write:
+    fn: WriteFn
+    future: asyncio.Future[Any]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _Writer:
+    """The one thread that writes: it commits all waiting writes in one transaction."""
+
+    def __init__(self, path: Path, synchronous: str, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self._conn = _connect(path, synchronous)
+        self._thread = threading.Thread(target=self._run, name="relay-journal", daemon=True)
+        self.healthy = True
+        self.on_commit: Callable[[float, int], None] | None = None
+
+    def prepare(self) -> tuple[int, str]:
+        """Create the schema; read back (PRAGMA synchronous, PRAGMA journal_mode)."""
+        _create_schema(self._conn)
+        level = self._conn.execute("PRAGMA synchronous").fetchone()[0]
+        mode = self._conn.execute("PRAGMA journal_mode").fetchone()[0]
+        return int(level), str(mode)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, fn: WriteFn) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._queue.put(_Write(fn, future))
+        return future
+
+    def stop(self) -> None:
+        """Commit what is queued, then end the thread and close the connection."""
+        self._queue.put(None)
+        self._thread.join()
+        self._conn.close()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < MAX_BATCH_OPS:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[_Write]) -> None:
+        started = time.perf_counter()
+        try:
+            results = self._transaction([w.fn for w in batch])
+        except sqlite3.Error as error:
+            if len(batch) > 1:  # one bad write must not fail the others: retry them alone
+                for write in batch:
+                    self._commit([write])
+                return
+            if not isinstance(error, sqlite3.IntegrityError):  # a bad row is not a bad disk
+                self.healthy = False
+            self._loop.call_soon_threadsafe(_settle, batch, None, JournalError(str(error)))
+            return
+        self.healthy = True
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started, len(batch))
+        self._loop.call_soon_threadsafe(_settle, batch, results, None)
+
+    def _transaction(self, fns: list[WriteFn]) -> list[Any]:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            results = [fn(conn) for fn in fns]
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        return results
+
+
+def _settle(batch: list[_Write], results: list[Any] | None, error: Exception | None) -> None:
+    for i, write in enumerate(batch):
+        if write.future.done():  # the waiter was cancelled; the write is committed anyway
+            continue
+        if error is not None:
+            write.future.set_exception(error)
+        else:
+            assert results is not None
+            write.future.set_result(results[i])
+
+
+def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
+    conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
+    return conn
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    conn.executescript(SCHEMA)
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+        (str(SCHEMA_VERSION),),
+    )
+
+
+# ---------------------------------------------------------------- write statements
+
+
+def _append(event: NewEvent) -> WriteFn:
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO events (id, source, received_at_ms, method, path, query, headers,"
+            " body, status, dedupe_key, routes) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                event.id,
+                event.source,
+                event.received_at_ms,
+                event.method,
+                event.path,
+                event.query,
+                orjson.dumps(event.headers).decode(),
+                event.body,
+                event.status,
+                event.dedupe_key,
+                orjson.dumps(event.routes).decode(),
+            ),
+        )
+        if event.deliveries:
+            conn.executemany(
+                "INSERT INTO deliveries (id, event_id, route, target, status, attempts,"
+                " next_at_ms, created_at_ms, order_key) VALUES (?,?,?,?,'pending',0,?,?,?)",
+                [
+                    (
+                        d.id,
+                        event.id,
+                        d.route,
+                        d.target,
+                        event.received_at_ms,
+                        event.received_at_ms,
+                        d.order_key,
+                    )
+                    for d in event.deliveries
+                ],
+            )
+
+    return write
+
+
+_EVENT_STATUS_SQL = """
+UPDATE events SET
+    status = CASE
+        WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = :e AND status = 'pending')
+            THEN 'pending'
+        WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = :e AND status = 'dead')
+            THEN 'dead'
+        ELSE 'delivered' END,
+    finished_at_ms = CASE
+        WHEN EXISTS (SELECT 1 FROM deliveries WHERE event_id = :e AND status = 'pending')
+            THEN NULL
+        ELSE :now END
+WHERE id = :e
+"""
+
+
+def _record(record: AttemptRecord) -> WriteFn:
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT OR REPLACE INTO attempts (delivery_id, n, started_at_ms, ms, status, error,"
+            " response) VALUES (?,?,?,?,?,?,?)",
+            (
+                record.delivery_id,
+                record.n,
+                record.started_at_ms,
+                record.ms,
+                record.status,
+                record.error,
+                record.response,
+            ),
+        )
+        last_error = (
+            record.reason
+            if record.outcome == "dead"
+            else record.error
+            or (
+                None
+                if record.status is None or record.outcome == "delivered"
+                else f"HTTP {record.status}"
+            )
+        )
+        conn.execute(
+            "UPDATE deliveries SET status = ?, attempts = ?, next_at_ms = ?, last_error = ?"
+            " WHERE id = ?",
+            (record.outcome, record.n, record.next_at_ms, last_error, record.delivery_id),
+        )
+        if record.outcome != "pending":
+            conn.execute(_EVENT_STATUS_SQL, {"e": record.event_id, "now": now_ms()})
+
+    return write
+
+
+def _expire(delivery_id: str, event_id: str, reason: str) -> WriteFn:
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "UPDATE deliveries SET status = 'dead', last_error = ? WHERE id = ?",
+            (reason, delivery_id),
+        )
+        conn.execute(_EVENT_STATUS_SQL, {"e": event_id, "now": now_ms()})
+
+    return write
+
+
+def _prune(before_ms: int, limit: int) -> WriteFn:
+    def write(conn: sqlite3.Connection) -> int:
+        ids = [
+            row[0]
+            for row in conn.execute(
+                "SELECT id FROM events WHERE status != 'pending' AND received_at_ms < ? LIMIT ?",
+                (before_ms, limit),
+            )
+        ]
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        conn.execute(
+            "DELETE FROM attempts WHERE delivery_id IN"
+            f" (SELECT id FROM deliveries WHERE event_id IN ({marks}))",
+            ids,
+        )
+        conn.execute(f"DELETE FROM deliveries WHERE event_id IN ({marks})", ids)
+        conn.execute(f"DELETE FROM events WHERE id IN ({marks})", ids)
+        return len(ids)
+
+    return write
+
+
+def _probe(conn: sqlite3.Connection) -> None:
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probed_at_ms', ?)", (now_ms(),))
+
+
+def _checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return (int(row[0]), int(row[1]), int(row[2]))
+
+
+# ---------------------------------------------------------------- the interface
+
+
+class Journal:
+    """The durable store; use `async with open_journal(...) as journal`."""
+
+    def __init__(self, writer: _Writer, reader: aiosqlite.Connection, synchronous: str) -> None:
+        self._writer = writer
+        self._reader = reader
+        self.synchronous = synchronous  # as read back from SQLite: "full" or "normal"
+
+    @property
+    def healthy(self) -> bool:
+        """False after a write failed, until the next write succeeds."""
+        return self._writer.healthy
+
+    def set_commit_observer(self, observer: Callable[[float, int], None]) -> None:
+        """Call `observer(seconds, writes)` from the writer thread after every commit."""
+        self._writer.on_commit = observer
+
+    async def _write(self, fn: WriteFn) -> Any:
+        # Shielded: a cancelled waiter (client gone) must not look like a failed write.
+        return await asyncio.shield(self._writer.submit(fn))
+
+    async def append(self, event: NewEvent) -> None:
+        """Commit the event and its deliveries in one transaction (group-committed)."""
+        await self._write(_append(event))
+
+    async def record(self, record: AttemptRecord) -> None:
+        """Commit an attempt and the delivery's new state (group-committed)."""
+        await self._write(_record(record))
+
+    async def expire(self, delivery_id: str, event_id: str, reason: str) -> None:
+        """Mark a delivery dead without an attempt (its max_age passed while it waited)."""
+        await self._write(_expire(delivery_id, event_id, reason))
+
+    async def prune(self, before_ms: int, limit: int = 500) -> int:
+        """Delete up to `limit` finished events received before `before_ms`; how many."""
+        return int(await self._write(_prune(before_ms, limit)))
+
+    async def probe(self) -> bool:
+        """Try a tiny write, so that a journal that failed can report itself healthy again."""
+        with contextlib.suppress(JournalError):
+            await self._write(_probe)
+        return self.healthy
+
+    async def checkpoint(self) -> tuple[int, int, int]:
+        """Checkpoint the WAL (passive): (busy, wal pages, pages checkpointed)."""
+        result: tuple[int, int, int] = await self._write(_checkpoint)
+        return result
+
+    async def due(
+        self, target: str, now_ms: int, limit: int, exclude: Collection[str] = ()
+    ) -> list[DueDelivery]:
+        """Up to `limit` pending deliveries of `target` due by `now_ms`, oldest first."""
+        marks = ",".join("?" * len(exclude))
+        skip = f" AND d.id NOT IN ({marks})" if exclude else ""
+        sql = (
+            "SELECT d.id, d.event_id, d.route, d.attempts, d.created_at_ms,"
+            " e.source, e.method, e.path, e.query, e.headers, e.body"
+            " FROM deliveries d JOIN events e ON e.id = d.event_id"
+            " WHERE d.target = ? AND d.status = 'pending' AND d.next_at_ms <= ?"
+            f"{skip} ORDER BY d.next_at_ms, d.id LIMIT ?"
+        )
+        rows = await self._reader.execute_fetchall(sql, (target, now_ms, *exclude, limit))
+        return [
+            DueDelivery(
+                id=r[0],
+                event_id=r[1],
+                route=r[2],
+                target=target,
+                attempts=r[3],
+                created_at_ms=r[4],
+                source=r[5],
+                method=r[6],
+                path=r[7],
+                query=r[8],
+                headers=[(k, v) for k, v in orjson.loads(r[9])],
+                body=bytes(r[10]),
+            )
+            for r in rows
+        ]
+
+    async def next_due_ms(self, target: str, exclude: Collection[str] = ()) -> int | None:
+        """When the next pending delivery of `target` (not in `exclude`) is due."""
+        marks = ",".join("?" * len(exclude))
+        skip = f" AND id NOT IN ({marks})" if exclude else ""
+        sql = (
+            "SELECT next_at_ms FROM deliveries WHERE target = ? AND status = 'pending'"
+            f"{skip} ORDER BY next_at_ms, id LIMIT 1"
+        )
+        rows = list(await self._reader.execute_fetchall(sql, (target, *exclude)))
+        return int(rows[0][0]) if rows else None
+
+    async def pending_count(self) -> int:
+        rows = list(
+            await self._reader.execute_fetchall(
+                "SELECT count(*) FROM deliveries WHERE status = 'pending'"
+            )
+        )
+        return int(rows[0][0])
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read query (for the admin API and tests of the journal itself)."""
+        return [tuple(r) for r in await self._reader.execute_fetchall(sql, params)]
+
+
+@contextlib.asynccontextmanager
+async def open_journal(path: Path, sync: str) -> AsyncIterator[Journal]:
+    """Open (creating if needed) the journal at `path`; close it cleanly on exit."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = _Writer(path, sync, asyncio.get_running_loop())
+    level, mode = writer.prepare()
+    if mode != "wal":
+        raise JournalError(f"{path}: could not switch to WAL mode (got {mode!r})")
+    reader = await aiosqlite.connect(path, isolation_level=None)
+    try:
+        await reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        writer.start()
+        # PRAGMA synchronous reads back 2 for FULL and 1 for NORMAL.
+        yield Journal(writer, reader, {2: "full", 1: "normal"}.get(level, str(level)))
+    finally:
+        await asyncio.to_thread(writer.stop)
+        await reader.close()

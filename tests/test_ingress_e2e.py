@@ -1,0 +1,207 @@
+"""End-to-end inbound: what senders get back for good and bad requests, from the real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import resource
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import orjson
+from conftest import Daemon, eventually, server_toml
+
+DaemonFactory = Callable[..., Awaitable[Daemon]]
+
+STRICT_LIMITS = {"max_body": '"1KiB"', "read_timeout": '"300ms"', "idle_timeout": '"300ms"'}
+
+
+def demo_config(tmp_path: Path, **server: str) -> str:
+    return (
+        server_toml(tmp_path, **server)
+        + """
+[sources.app]
+[targets.console]
+url = "log:"
+[[routes]]
+name = "app-to-console"
+source = "app"
+targets = ["console"]
+"""
+    )
+
+
+async def raw_exchange(daemon: Daemon, request: bytes, timeout_s: float = 10) -> bytes:
+    """Send raw bytes on a fresh connection and read until the server closes it."""
+    host, port = daemon.listen.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout_s)
+    finally:
+        writer.close()
+
+
+async def test_accepted_webhook_replies_after_commit(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """A 202 carries the event id, and the event is already in the journal when it arrives."""
+    daemon = await daemons(demo_config(tmp_path))
+    status, reply, headers = await daemon.post("/hooks/app", b'{"a": 1}')
+    assert status == 202
+    assert headers["Content-Type"].startswith("application/json")
+    rows = daemon.query("SELECT id, source, body, method, path FROM events")
+    assert rows == [(reply["id"], "app", b'{"a": 1}', "POST", "/hooks/app")]
+    accepted = daemon.find("event.accepted", event_id=reply["id"])
+    assert accepted is not None
+    assert accepted["routes"] == ["app-to-console"]
+    assert (accepted["deliveries"], accepted["bytes"]) == (1, 8)
+    assert accepted["ms"] >= 0
+
+
+async def test_unknown_path_and_wrong_method(tmp_path: Path, daemons: DaemonFactory) -> None:
+    """An unknown path is a 404 and a GET on a POST-only source a 405, each with a reason."""
+    daemon = await daemons(demo_config(tmp_path))
+    status, reply, _ = await daemon.post("/hooks/nope", b"{}")
+    assert (status, reply) == (404, {"error": "no source at /hooks/nope"})
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(daemon.url("/hooks/app")) as response,
+    ):
+        assert response.status == 405
+        assert response.headers["Allow"] == "POST"
+        assert (await response.json())["error"] == "method GET not allowed at /hooks/app"
+    rejected = daemon.find("event.rejected", status=405)
+    assert rejected is not None
+    assert rejected["source"] == "app"
+    assert rejected["remote"] == "127.0.0.1"
+
+
+async def test_broken_json_is_a_400(tmp_path: Path, daemons: DaemonFactory) -> None:
+    """A body declared as JSON that does not parse gets a 400 naming the problem; nothing kept."""
+    daemon = await daemons(demo_config(tmp_path))
+    status, reply, _ = await daemon.post("/hooks/app", b'{"unterminated": ')
+    assert status == 400
+    assert reply["error"].startswith("body is not valid JSON")
+    assert "\n" not in reply["error"]
+    assert daemon.query("SELECT count(*) FROM events") == [(0,)]
+
+
+async def test_non_json_bodies_are_accepted_as_sent(tmp_path: Path, daemons: DaemonFactory) -> None:
+    """Form posts and plain text are accepted; the journal keeps the bytes exactly."""
+    daemon = await daemons(demo_config(tmp_path))
+    form = b"a=1&a=2&b=%FF"
+    status, _, _ = await daemon.post(
+        "/hooks/app", form, {"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert status == 202
+    status, _, _ = await daemon.post(
+        "/hooks/app", b"\xff\xfe not utf-8", {"Content-Type": "text/plain"}
+    )
+    assert status == 202
+    assert daemon.query("SELECT body FROM events ORDER BY id") == [
+        (form,),
+        (b"\xff\xfe not utf-8",),
+    ]
+
+
+async def test_declared_length_over_max_body_is_a_413(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """A Content-Length over max_body is refused before the body is read."""
+    daemon = await daemons(demo_config(tmp_path, **STRICT_LIMITS))
+    status, reply, _ = await daemon.post("/hooks/app", b'{"pad": "' + b"x" * 2000 + b'"}')
+    assert status == 413
+    assert "exceeds max_body 1024" in reply["error"]
+
+
+async def test_chunked_body_outgrowing_max_body_is_a_413(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """A chunked body with no declared length is cut off with a 413 once it passes max_body."""
+    daemon = await daemons(demo_config(tmp_path, **STRICT_LIMITS))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(8):
+            yield b"x" * 512
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            daemon.url("/hooks/app"), data=chunks(), headers={"Content-Type": "text/plain"}
+        ) as response,
+    ):
+        assert response.status == 413
+    assert daemon.query("SELECT count(*) FROM events") == [(0,)]
+
+
+async def test_stalled_body_is_a_408(tmp_path: Path, daemons: DaemonFactory) -> None:
+    """A client that stops sending mid-body gets a 408 after read_timeout and is disconnected."""
+    daemon = await daemons(demo_config(tmp_path, **STRICT_LIMITS))
+    answer = await raw_exchange(
+        daemon,
+        b"POST /hooks/app HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"half": ',
+    )
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b"read_timeout" in answer
+    assert daemon.query("SELECT count(*) FROM events") == [(0,)]
+
+
+async def test_idle_and_slow_header_connections_are_closed(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """Connections that send nothing, or never finish their headers, are closed at idle_timeout."""
+    daemon = await daemons(demo_config(tmp_path, **STRICT_LIMITS))
+    assert await raw_exchange(daemon, b"") == b""
+    assert await raw_exchange(daemon, b"POST /hooks/app HTTP/1.1\r\nHost: re") == b""
+    assert await daemon.ready() == 200
+
+
+async def test_bad_inputs_leave_the_daemon_ready(tmp_path: Path, daemons: DaemonFactory) -> None:
+    """After garbage of several kinds the daemon still answers, and a good webhook still goes in."""
+    daemon = await daemons(demo_config(tmp_path, **STRICT_LIMITS))
+    garbage = [
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"POST /hooks/app HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+        b"POST /hooks/app HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"POST /hooks/app HTTP/1.1\r\n" + b"X-Pad: y\r\n" * 300 + b"\r\n",
+        b"POST /hooks/app HTTP/1.1\r\nContent-Encoding: gzip\r\nContent-Type: application/json"
+        b"\r\nContent-Length: 4\r\n\r\nnope",
+    ]
+    for request in garbage:
+        answer = await raw_exchange(daemon, request)
+        assert re.match(rb"HTTP/1\.[01] 4\d\d ", answer), answer[:80]
+    status, _, _ = await daemon.post("/hooks/app", b'{"still": "fine"}')
+    assert status == 202
+    assert await daemon.ready() == 200
+
+
+async def test_journal_failure_is_a_503_and_not_ready_until_it_recovers(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """When the disk refuses writes: 503 with Retry-After, /readyz 503, the daemon stays up."""
+    daemon = await daemons(demo_config(tmp_path, max_body='"4MiB"'))
+    assert (await daemon.post("/hooks/app", b"{}"))[0] == 202
+    assert daemon.process is not None
+    pid = daemon.process.pid
+    # The kernel refuses to grow any file of the daemon past this size (EFBIG): a full disk.
+    limit = max(p.stat().st_size for p in tmp_path.glob("relay.db*"))
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    status, reply, headers = await daemon.post("/hooks/app", orjson.dumps({"pad": "x" * 3_000_000}))
+    assert status == 503
+    assert headers["Retry-After"] == "5"
+    assert reply == {"error": "journal unavailable, try again later"}
+    assert await daemon.ready() == 503
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    await eventually(lambda: _is_ready(daemon))
+    status, reply, _ = await daemon.post("/hooks/app", orjson.dumps({"pad": "x" * 3_000_000}))
+    assert status == 202
+    assert daemon.query("SELECT count(*) FROM events") == [(2,)]
+    assert daemon.query("PRAGMA integrity_check") == [("ok",)]
+
+
+async def _is_ready(daemon: Daemon) -> bool:
+    return await daemon.ready() == 200

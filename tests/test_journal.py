@@ -1,0 +1,147 @@
+"""The journal on a real SQLite file: group commit, due deliveries, outcomes, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+from relay import ids
+from relay.journal import AttemptRecord, JournalError, NewDelivery, NewEvent, open_journal
+
+
+def new_event(
+    received_at_ms: int, targets: tuple[str, ...] = ("svc",), body: bytes = b"{}"
+) -> NewEvent:
+    return NewEvent(
+        id=ids.event_id(received_at_ms),
+        source="app",
+        received_at_ms=received_at_ms,
+        method="POST",
+        path="/hooks/app",
+        query="",
+        headers=[("Content-Type", "application/json")],
+        body=body,
+        routes=[{"name": "r", "matched": bool(targets), "error": None}],
+        deliveries=[NewDelivery(ids.delivery_id(received_at_ms), "r", t) for t in targets],
+    )
+
+
+def outcome(journal_row: tuple[str, str], n: int, state: str, next_at_ms: int = 0) -> AttemptRecord:
+    delivery_id, event_id = journal_row
+    return AttemptRecord(
+        delivery_id=delivery_id,
+        event_id=event_id,
+        n=n,
+        started_at_ms=1,
+        ms=1.0,
+        status=200 if state == "delivered" else 500,
+        error=None,
+        response=b"",
+        outcome=state,
+        next_at_ms=next_at_ms,  # type: ignore[arg-type]
+        reason="HTTP 500" if state == "dead" else None,
+    )
+
+
+async def test_concurrent_appends_share_transactions(tmp_path: Path) -> None:
+    """64 webhooks arriving together are committed in far fewer than 64 transactions."""
+    commits: list[int] = []
+    async with open_journal(tmp_path / "j.db", "full") as journal:
+        journal.set_commit_observer(lambda _s, writes: commits.append(writes))
+        await asyncio.gather(*(journal.append(new_event(1000 + n)) for n in range(64)))
+        assert await journal.fetch("SELECT count(*) FROM events") == [(64,)]
+    assert sum(commits) == 64
+    assert len(commits) < 64 / 4
+
+
+async def test_sync_level_is_read_back(tmp_path: Path) -> None:
+    """The journal reports the synchronous level SQLite actually runs with."""
+    async with open_journal(tmp_path / "full.db", "full") as journal:
+        assert journal.synchronous == "full"
+    async with open_journal(tmp_path / "normal.db", "normal") as journal:
+        assert journal.synchronous == "normal"
+
+
+async def test_due_is_a_bounded_window_in_arrival_order(tmp_path: Path) -> None:
+    """A lane is handed at most `limit` due deliveries, oldest first, skipping those it holds."""
+    async with open_journal(tmp_path / "j.db", "normal") as journal:
+        events = [new_event(1000 + n, ("svc", "other")) for n in range(10)]
+        for event in events:
+            await journal.append(event)
+        first = await journal.due("svc", now_ms=5000, limit=4)
+        assert [d.event_id for d in first] == [e.id for e in events[:4]]
+        assert all(d.target == "svc" for d in first)
+        held = {d.id for d in first}
+        second = await journal.due("svc", now_ms=5000, limit=4, exclude=held)
+        assert [d.event_id for d in second] == [e.id for e in events[4:8]]
+        assert await journal.due("svc", now_ms=999, limit=4) == []
+        assert await journal.next_due_ms("svc") == 1000
+
+
+async def test_recorded_outcomes_move_the_event_status(tmp_path: Path) -> None:
+    """A retry reschedules; the event is delivered only when every delivery is, dead if any died."""
+    async with open_journal(tmp_path / "j.db", "normal") as journal:
+        event = new_event(1000, ("a", "b"))
+        await journal.append(event)
+        a, b = ((d.id, event.id) for d in event.deliveries)
+        await journal.record(outcome(a, 1, "pending", next_at_ms=9000))
+        assert await journal.due("a", now_ms=5000, limit=10) == []
+        assert await journal.next_due_ms("a") == 9000
+        await journal.record(outcome(a, 2, "delivered"))
+        assert await journal.fetch("SELECT status FROM events") == [("pending",)]
+        await journal.record(outcome(b, 1, "dead"))
+        assert await journal.fetch("SELECT status FROM events") == [("dead",)]
+        rows = await journal.fetch("SELECT target, status, attempts, last_error FROM deliveries")
+        assert sorted(rows) == [("a", "delivered", 2, None), ("b", "dead", 1, "HTTP 500")]
+        assert await journal.pending_count() == 0
+
+
+async def test_prune_deletes_only_old_finished_events(tmp_path: Path) -> None:
+    """Retention removes finished events past the cutoff with their deliveries and attempts."""
+    async with open_journal(tmp_path / "j.db", "normal") as journal:
+        old_done, old_pending, old_unrouted, new_done = (
+            new_event(1000),
+            new_event(1001),
+            new_event(1002, ()),
+            new_event(50_000),
+        )
+        for event in (old_done, old_pending, old_unrouted, new_done):
+            await journal.append(event)
+        for event in (old_done, new_done):
+            await journal.record(outcome((event.deliveries[0].id, event.id), 1, "delivered"))
+        assert await journal.prune(before_ms=10_000, limit=1) == 1
+        assert await journal.prune(before_ms=10_000, limit=1) == 1
+        assert await journal.prune(before_ms=10_000, limit=1) == 0
+        remaining = {row[0] for row in await journal.fetch("SELECT id FROM events")}
+        assert remaining == {old_pending.id, new_done.id}
+        assert await journal.fetch("SELECT count(*) FROM attempts") == [(1,)]
+        assert await journal.fetch("SELECT count(*) FROM deliveries") == [(2,)]
+
+
+async def test_a_bad_write_fails_alone(tmp_path: Path) -> None:
+    """A write that breaks a constraint fails with JournalError; others in its batch commit."""
+    async with open_journal(tmp_path / "j.db", "normal") as journal:
+        event = new_event(1000)
+        await journal.append(event)
+        others = [new_event(2000 + n) for n in range(5)]
+        results = await asyncio.gather(
+            journal.append(event), *(journal.append(e) for e in others), return_exceptions=True
+        )
+        assert isinstance(results[0], JournalError)
+        assert "UNIQUE" in str(results[0])
+        assert results[1:] == [None] * 5
+        assert await journal.fetch("SELECT count(*) FROM events") == [(6,)]
+        assert journal.healthy is True
+
+
+async def test_reopening_resumes_pending_deliveries(tmp_path: Path) -> None:
+    """Pending deliveries are still due after the journal is closed and opened again."""
+    path = tmp_path / "j.db"
+    async with open_journal(path, "full") as journal:
+        await journal.append(new_event(1000))
+    async with open_journal(path, "full") as journal:
+        assert len(await journal.due("svc", now_ms=2000, limit=10)) == 1
+        assert await journal.pending_count() == 1
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]

@@ -1,0 +1,168 @@
+"""End-to-end process behaviour: start, stop, crash and restart of the real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import orjson
+from conftest import Daemon, Receiver, eventually, free_port, server_toml
+
+DaemonFactory = Callable[..., Awaitable[Daemon]]
+ReceiverFactory = Callable[[], Awaitable[Receiver]]
+
+
+def relay_config(tmp_path: Path, url: str, listen_port: int = 0, sync: str = "full") -> str:
+    return (
+        server_toml(tmp_path, listen_port=listen_port, sync=f'"{sync}"')
+        + f"""
+[sources.app]
+[targets.svc]
+url = "{url}"
+concurrency = 8
+retry = {{ attempts = 50, first = "50ms", max = "300ms" }}
+[[routes]]
+name = "app-to-svc"
+source = "app"
+targets = ["svc"]
+"""
+    )
+
+
+async def test_started_line_reports_the_journal_settings(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """relay.started says what is running, with PRAGMA synchronous read back from SQLite."""
+    receiver = await receivers()
+    daemon = await daemons(relay_config(tmp_path, receiver.url, sync="normal"))
+    started = daemon.find("relay.started")
+    assert started is not None
+    assert started["sync"] == "normal"
+    assert started["synchronous"] == "normal"
+    assert (started["sources"], started["routes"], started["targets"], started["pending"]) == (
+        1,
+        1,
+        1,
+        0,
+    )
+    assert started["level"] == "info"
+    assert started["ts"].endswith("Z")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(daemon.admin_url("/healthz")) as response:
+            assert response.status == 200
+        async with session.get(daemon.admin_url("/readyz")) as response:
+            assert response.status == 200
+    assert daemon.query("PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_sigterm_leaves_pending_work_for_the_next_start(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Events accepted while the target is down survive SIGTERM and are delivered after restart."""
+    port = free_port()  # nothing listens here yet: the target is down
+    daemon = await daemons(relay_config(tmp_path, f"http://127.0.0.1:{port}/hook"))
+    accepted = []
+    for n in range(10):
+        status, reply, _ = await daemon.post("/hooks/app", {"n": n})
+        assert status == 202
+        accepted.append(reply["id"])
+    await daemon.wait_log("delivery.failed")
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait() == 0
+    stopping = daemon.find("relay.stopping")
+    assert stopping is not None
+    assert stopping["pending"] == 10
+    assert daemon.find("relay.stopped") is not None
+    receiver = Receiver(port=port)
+    await receiver.start()
+    try:
+        await daemon.start()
+        assert daemon.find("relay.started", pending=10) is not None
+        await eventually(lambda: sorted(set(receiver.event_ids())) == sorted(accepted))
+    finally:
+        await receiver.stop()
+
+
+async def test_sigterm_lets_in_flight_requests_finish(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A request in flight at SIGTERM is allowed to finish within shutdown_grace and recorded."""
+    receiver = await receivers()
+    receiver.gate = asyncio.Event()
+    daemon = await daemons(relay_config(tmp_path, receiver.url))
+    _, reply, _ = await daemon.post("/hooks/app", {"x": 1})
+    await eventually(lambda: receiver.current == 1)
+    daemon.signal(signal.SIGTERM)
+    await daemon.wait_log("relay.stopping")
+    assert await daemon.ready() == 503
+    receiver.gate.set()
+    assert await daemon.wait() == 0
+    assert daemon.find("delivery.succeeded", event_id=reply["id"]) is not None
+    assert daemon.query("SELECT status FROM deliveries") == [("delivered",)]
+
+
+async def test_second_sigint_exits_at_once(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A second Ctrl-C does not wait for the grace period."""
+    receiver = await receivers()
+    receiver.gate = asyncio.Event()  # never set: the request would hang for shutdown_grace
+    daemon = await daemons(relay_config(tmp_path, receiver.url))
+    await daemon.post("/hooks/app", {"x": 1})
+    await eventually(lambda: receiver.current == 1)
+    daemon.signal(signal.SIGINT)
+    await daemon.wait_log("relay.stopping")
+    daemon.signal(signal.SIGINT)
+    assert await daemon.wait(timeout_s=3) == 1
+    receiver.gate.set()
+
+
+async def test_nothing_acknowledged_is_lost_across_sigkill(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Events sent while the daemon is SIGKILLed and restarted: every 2xx is delivered."""
+    receiver = await receivers()
+    port = free_port()
+    daemon = await daemons(relay_config(tmp_path, receiver.url, listen_port=port))
+    acknowledged: set[str] = set()
+    url = f"http://127.0.0.1:{port}/hooks/app"
+    goal, max_requests = 300, 3000  # bounded in count; each request bounded in time
+
+    async def sender(worker: int) -> None:
+        async with aiohttp.ClientSession() as session:
+            for n in range(max_requests // 4):
+                if len(acknowledged) >= goal:
+                    return
+                try:
+                    async with session.post(
+                        url,
+                        data=orjson.dumps({"worker": worker, "n": n}),
+                        headers={"Content-Type": "application/json"},
+                        timeout=aiohttp.ClientTimeout(total=5),
+                    ) as response:
+                        if response.status == 202:
+                            acknowledged.add((await response.json())["id"])
+                except (aiohttp.ClientError, TimeoutError):
+                    await asyncio.sleep(0.02)  # the daemon is down: pace the retries
+
+    senders = [asyncio.create_task(sender(w)) for w in range(4)]
+    rng = random.Random(7)
+    for _ in range(4):  # kill -9 at a random moment, four times, restarting each time
+        target = len(acknowledged) + rng.randint(10, 60)
+        await eventually(lambda t=target: len(acknowledged) >= t)
+        await daemon.kill()
+        await daemon.start()
+    await asyncio.gather(*senders)
+    assert len(acknowledged) >= goal
+    await eventually(lambda: acknowledged <= set(receiver.event_ids()), timeout_s=60)
+    await daemon.stop()
+    with contextlib.closing(sqlite3.connect(tmp_path / "relay.db")) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        journaled = {row[0] for row in conn.execute("SELECT id FROM events")}
+    assert acknowledged <= journaled
