@@ -22,9 +22,8 @@ class Notifier:
         watchdog_usec = env.get("WATCHDOG_USEC", "")
         watchdog_pid = env.get("WATCHDOG_PID", "")
         applies = not watchdog_pid or watchdog_pid == str(os.getpid())
-        self.watchdog_interval_s = (
-            int(watchdog_usec) / 2_000_000 if watchdog_usec.isdigit() and applies else None
-        )
+        enabled = watchdog_usec.isdigit() and int(watchdog_usec) > 0 and applies
+        self.watchdog_interval_s = int(watchdog_usec) / 2_000_000 if enabled else None
 
     @property
     def enabled(self) -> bool:
@@ -38,6 +37,7 @@ class Notifier:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
                 sock.connect(self._address)
-                sock.sendall(message)
+                # Never block the event loop on a stalled service manager: drop the message.
+                sock.send(message, socket.MSG_DONTWAIT)
         except OSError:
             pass

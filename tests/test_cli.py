@@ -1,0 +1,404 @@
+"""The `relay` command line as a user runs it: real subprocesses, exit codes, stdout, stderr."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port
+
+from relay import __version__
+
+TIMEOUT_S = 30
+
+GOOD = """
+[server]
+listen = "127.0.0.1:{listen}"
+admin = "127.0.0.1:{admin}"
+journal = "relay.db"
+
+[sources.github]
+verify = {{ scheme = "github", secret = "${{GH_SECRET}}" }}
+
+[sources.shop]
+path = "/in/shop"
+verify = {{ scheme = "shopify", secret = "${{SHOP_SECRET}}" }}
+
+[targets.ci]
+url = "http://127.0.0.1:{target}/hook"
+concurrency = 8
+
+[targets.chat]
+url = "log:"
+
+[[routes]]
+name = "pushes-to-ci"
+source = "github"
+filter = "headers.x_github_event == 'push'"
+targets = ["ci"]
+
+[[routes]]
+name = "orders-to-chat"
+source = "shop"
+targets = ["chat"]
+"""
+
+GOOD_ENV = {"GH_SECRET": "gh-secret-value", "SHOP_SECRET": "shop-secret-value"}
+
+# Three different mistakes: a misspelt key, a route naming an unknown target, a bad duration.
+BAD = """
+[server]
+listn = "127.0.0.1:{listen}"
+admin = "127.0.0.1:{admin}"
+journal = "relay.db"
+
+[sources.app]
+
+[targets.ci]
+url = "log:"
+timeout = "ten seconds"
+
+[[routes]]
+name = "app-to-ci"
+source = "app"
+targets = ["cii"]
+"""
+
+
+def relay(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m relay ARGS` in `cwd`, without RELAY_CONFIG unless `env` sets it."""
+    base = {k: v for k, v in os.environ.items() if k != "RELAY_CONFIG"}
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        cwd=cwd,
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+
+
+def write(folder: Path, name: str, text: str, mode: int = 0o600) -> Path:
+    path = folder / name
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def good_config(folder: Path, name: str = "good.toml") -> Path:
+    return write(
+        folder,
+        name,
+        GOOD.format(listen=free_port(), admin=free_port(), target=free_port()),
+    )
+
+
+def secrets_in(document: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every (key path, value) under a key named like a secret, anywhere in a TOML document."""
+    if isinstance(document, dict):
+        for key, value in document.items():
+            here = f"{path}.{key}" if path else key
+            if key in ("secret", "admin_token"):
+                yield here, value
+            else:
+                yield from secrets_in(value, here)
+    elif isinstance(document, list):
+        for index, item in enumerate(document):
+            yield from secrets_in(item, f"{path}[{index}]")
+
+
+# ---------------------------------------------------------------- validate
+
+
+def test_validate_prints_a_summary_of_a_good_config(tmp_path: Path) -> None:
+    """`relay validate` on a good config exits 0 and lists its sources, targets and routes."""
+    good_config(tmp_path)
+    result = relay("validate", "-c", "good.toml", cwd=tmp_path, env=GOOD_ENV)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0] == "good.toml: ok"
+    assert "sources (2):" in result.stdout
+    assert "targets (2):" in result.stdout
+    assert "routes (2):" in result.stdout
+    words = [line.split() for line in lines]
+    assert ["github", "POST", "/hooks/github", "verify=github"] in words
+    assert ["shop", "POST", "/in/shop", "verify=shopify"] in words
+    assert any(w[:2] == ["ci", "POST"] and "concurrency=8" in w for w in words)
+    assert any(w[:3] == ["chat", "POST", "log:"] for w in words)
+    assert any(w[:4] == ["pushes-to-ci", "github", "->", "ci"] for w in words)
+    assert ["orders-to-chat", "shop", "->", "chat"] in words
+    assert "headers.x_github_event == 'push'" in result.stdout
+    # the secrets it resolved are not part of the summary
+    assert "gh-secret-value" not in result.stdout
+    assert "shop-secret-value" not in result.stdout
+
+
+def test_validate_reports_every_error_with_file_and_key_path(tmp_path: Path) -> None:
+    """Three mistakes in one file: exit 78 and all three on stderr, one line each."""
+    write(tmp_path, "bad.toml", BAD.format(listen=free_port(), admin=free_port()))
+    result = relay("validate", "-c", "bad.toml", cwd=tmp_path)
+    assert result.returncode == 78
+    assert result.stdout == ""
+    errors = result.stderr.splitlines()
+    assert len(errors) == 3, result.stderr
+    assert all(line.startswith("bad.toml: ") for line in errors)
+    assert 'bad.toml: server.listn: unknown key (did you mean "listen"?)' in errors
+    assert 'bad.toml: routes[0].targets[0]: unknown target "cii" (known: ci)' in errors
+    (duration,) = [line for line in errors if line.startswith("bad.toml: targets.ci.timeout: ")]
+    assert '"ten seconds"' in duration
+
+
+def test_validate_of_a_missing_file_is_one_line(tmp_path: Path) -> None:
+    """A config file that does not exist: exit 78 and a single line naming it."""
+    result = relay("validate", "-c", "missing.toml", cwd=tmp_path)
+    assert result.returncode == 78
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("missing.toml: ")
+    assert "No such file" in line
+
+
+def test_validate_warns_about_a_source_without_verify(tmp_path: Path) -> None:
+    """A source anyone can post to is a warning on stderr, not an error: exit 0."""
+    text = (
+        f'[server]\nlisten = "127.0.0.1:{free_port()}"\nadmin = "127.0.0.1:{free_port()}"\n'
+        '[sources.app]\n[targets.out]\nurl = "log:"\n'
+        '[[routes]]\nname = "r"\nsource = "app"\ntargets = ["out"]\n'
+    )
+    write(tmp_path, "open.toml", text)
+    result = relay("validate", "-c", "open.toml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "open.toml: warning: sources.app: no verify: "
+        "anyone who can reach the listener can post events"
+    ]
+    assert result.stdout.splitlines()[0] == "open.toml: ok"
+
+
+def test_validate_warns_about_literal_secrets_in_a_readable_file(tmp_path: Path) -> None:
+    """A literal secret in a file others can read warns (exit 0); after chmod 600 it does not."""
+    text = (
+        GOOD.format(listen=free_port(), admin=free_port(), target=free_port())
+        .replace("${GH_SECRET}", "literal-gh-secret")
+        .replace("${SHOP_SECRET}", "literal-shop-secret")
+    )
+    path = write(tmp_path, "literal.toml", text, mode=0o644)
+    readable = relay("validate", "-c", "literal.toml", cwd=tmp_path)
+    assert readable.returncode == 0, readable.stderr
+    (warning,) = readable.stderr.splitlines()
+    assert warning.startswith("literal.toml: warning: ")
+    assert "0644" in warning
+    assert "sources.github.verify.secret" in warning
+    assert "literal-gh-secret" not in readable.stderr + readable.stdout
+    path.chmod(0o600)
+    private = relay("validate", "-c", "literal.toml", cwd=tmp_path)
+    assert private.returncode == 0
+    assert private.stderr == ""
+
+
+def test_config_path_defaults_to_relay_config_variable(tmp_path: Path) -> None:
+    """Without -c the file named by $RELAY_CONFIG is used; -c still wins over it."""
+    good = good_config(tmp_path)
+    write(tmp_path, "bad.toml", BAD.format(listen=free_port(), admin=free_port()))
+    from_env = relay("validate", cwd=tmp_path, env={**GOOD_ENV, "RELAY_CONFIG": str(good)})
+    assert from_env.returncode == 0, from_env.stderr
+    assert from_env.stdout.splitlines()[0] == f"{good}: ok"
+    bad_from_env = relay("validate", cwd=tmp_path, env={"RELAY_CONFIG": "bad.toml"})
+    assert bad_from_env.returncode == 78
+    assert len(bad_from_env.stderr.splitlines()) == 3
+    overridden = relay(
+        "validate", "-c", "good.toml", cwd=tmp_path, env={**GOOD_ENV, "RELAY_CONFIG": "bad.toml"}
+    )
+    assert overridden.returncode == 0, overridden.stderr
+    assert overridden.stdout.splitlines()[0] == "good.toml: ok"
+
+
+def test_config_path_falls_back_to_etc(tmp_path: Path) -> None:
+    """Without -c or $RELAY_CONFIG the default is /etc/relay/relay.toml."""
+    if Path("/etc/relay/relay.toml").exists():
+        pytest.skip("this machine has a real /etc/relay/relay.toml")
+    result = relay("validate", cwd=tmp_path)
+    assert result.returncode == 78
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("/etc/relay/relay.toml: ")
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_prints_effective_toml_with_secrets_masked(tmp_path: Path) -> None:
+    """`relay config` prints parseable TOML with defaults filled in and every secret as "***"."""
+    text = (
+        f'[server]\nlisten = "127.0.0.1:{free_port()}"\nadmin = "127.0.0.1:{free_port()}"\n'
+        'admin_token = "admin-token-literal-4711"\n'
+        '[sources.app]\nverify = { scheme = "github", secret = "${GH_SECRET}" }\n'
+        f'[targets.ci]\nurl = "http://127.0.0.1:{free_port()}/hook"\n'
+        'headers = { Authorization = "Bearer ${TOKEN}", X-Team = "platform" }\n'
+        '[[routes]]\nname = "app-to-ci"\nsource = "app"\ntargets = ["ci"]\n'
+    )
+    write(tmp_path, "f.toml", text)
+    env = {"TOKEN": "tok-from-env-0815", "GH_SECRET": "gh-from-env-0816"}
+    result = relay("config", "-c", "f.toml", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    effective = tomllib.loads(result.stdout)
+    # defaults filled in
+    assert effective["server"]["sync"] == "full"
+    assert effective["server"]["retention"] == "7d"
+    assert effective["server"]["shutdown_grace"] == "10s"
+    assert effective["server"]["journal"] == str(tmp_path / "relay.db")
+    assert effective["log"] == {"format": "auto", "level": "info"}
+    assert effective["defaults"]["retry"]["attempts"] == 12
+    assert effective["defaults"]["concurrency"] == 4
+    assert effective["sources"]["app"]["path"] == "/hooks/app"
+    assert effective["sources"]["app"]["methods"] == ["POST"]
+    assert effective["targets"]["ci"]["method"] == "POST"
+    assert effective["targets"]["ci"]["timeout"] == "15s"
+    assert effective["targets"]["ci"]["retry"]["attempts"] == 12
+    assert effective["routes"][0]["targets"] == ["ci"]
+    # secrets masked, other values as they are
+    assert effective["server"]["admin_token"] == "***"
+    assert effective["sources"]["app"]["verify"]["secret"] == "***"
+    assert effective["targets"]["ci"]["headers"] == {
+        "Authorization": "***",
+        "X-Team": "platform",
+    }
+    for secret in ("admin-token-literal-4711", "tok-from-env-0815", "gh-from-env-0816"):
+        assert secret not in result.stdout
+        assert secret not in result.stderr
+
+
+def test_config_with_errors_exits_78(tmp_path: Path) -> None:
+    """`relay config` on a broken file prints the errors, not a half config."""
+    write(tmp_path, "bad.toml", BAD.format(listen=free_port(), admin=free_port()))
+    result = relay("config", "-c", "bad.toml", cwd=tmp_path)
+    assert result.returncode == 78
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 3
+
+
+# ---------------------------------------------------------------- init
+
+
+def test_init_writes_a_private_valid_config(tmp_path: Path) -> None:
+    """`relay init` writes a mode-600 file that `relay validate` accepts."""
+    result = relay("init", "new.toml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "new.toml"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert "new.toml" in result.stdout
+    check = relay("validate", "-c", "new.toml", cwd=tmp_path)
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.splitlines()[0] == "new.toml: ok"
+
+
+def test_init_without_a_name_writes_relay_toml(tmp_path: Path) -> None:
+    """`relay init` with no file argument writes ./relay.toml."""
+    result = relay("init", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["relay.toml"]
+    assert stat.S_IMODE((tmp_path / "relay.toml").stat().st_mode) == 0o600
+
+
+def test_two_inits_generate_different_secrets(tmp_path: Path) -> None:
+    """Each `relay init` generates its own secrets."""
+    assert relay("init", "a.toml", cwd=tmp_path).returncode == 0
+    assert relay("init", "b.toml", cwd=tmp_path).returncode == 0
+    a = dict(secrets_in(tomllib.loads((tmp_path / "a.toml").read_text())))
+    b = dict(secrets_in(tomllib.loads((tmp_path / "b.toml").read_text())))
+    assert a, "the starter config holds no secrets"
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert isinstance(value, str)
+        assert len(value) >= 16, key
+        assert value != b[key], key
+
+
+def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
+    """A second `relay init` on an existing file fails, says so, and leaves the file unchanged."""
+    assert relay("init", "new.toml", cwd=tmp_path).returncode == 0
+    path = tmp_path / "new.toml"
+    before = path.read_bytes()
+    again = relay("init", "new.toml", cwd=tmp_path)
+    assert again.returncode != 0
+    assert again.returncode != 2  # a runtime refusal, not a usage error
+    (line,) = again.stderr.splitlines()
+    assert "new.toml" in line
+    assert "overwrit" in line
+    assert path.read_bytes() == before
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+# ---------------------------------------------------------------- run
+
+
+def test_run_with_a_bad_config_exits_78_before_starting(tmp_path: Path) -> None:
+    """`relay run` on a broken config exits 78 with the errors, and opens nothing."""
+    listen = free_port()
+    write(tmp_path, "bad.toml", BAD.format(listen=listen, admin=free_port()))
+    result = relay("run", "-c", "bad.toml", cwd=tmp_path)
+    assert result.returncode == 78
+    assert result.stdout == ""  # no relay.started (or any other) log line
+    assert len(result.stderr.splitlines()) == 3
+    assert not (tmp_path / "relay.db").exists()
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", listen)) != 0
+
+
+@pytest.mark.parametrize("taken", ["listen", "admin"])
+def test_run_with_a_port_in_use_exits_1(tmp_path: Path, taken: str) -> None:
+    """When the listen or admin port is taken, `relay run` exits 1 with one line on stderr."""
+    with socket.socket() as occupant:
+        occupant.bind(("127.0.0.1", 0))
+        occupant.listen()
+        port = int(occupant.getsockname()[1])
+        ports = {"listen": free_port(), "admin": free_port(), taken: port}
+        text = (
+            f'[server]\nlisten = "127.0.0.1:{ports["listen"]}"\n'
+            f'admin = "127.0.0.1:{ports["admin"]}"\njournal = "relay.db"\n'
+            '[log]\nformat = "json"\n'
+            '[sources.app]\n[targets.out]\nurl = "log:"\n'
+            '[[routes]]\nname = "r"\nsource = "app"\ntargets = ["out"]\n'
+        )
+        write(tmp_path, "taken.toml", text)
+        result = relay("run", "-c", "taken.toml", cwd=tmp_path)
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("relay: ")
+    assert str(port) in line
+    assert "relay.started" not in result.stdout
+
+
+# ---------------------------------------------------------------- usage
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(), ("bogus",), ("validate", "--no-such-option"), ("init", "a.toml", "b.toml")],
+    ids=["no-command", "unknown-command", "unknown-option", "extra-argument"],
+)
+def test_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """A missing or unknown command or option is a usage error: exit 2 and a usage line."""
+    result = relay(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("usage: relay")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_version(tmp_path: Path) -> None:
+    """`relay --version` prints the version and exits 0."""
+    result = relay("--version", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout == f"relay {__version__}\n"

@@ -1,0 +1,126 @@
+"""End-to-end log output: the real daemon's stdout is JSON lines with SPEC §8 names and fields."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import orjson
+from conftest import Daemon, Receiver, server_toml
+
+from relay import __version__
+
+DaemonFactory = Callable[..., Awaitable[Daemon]]
+ReceiverFactory = Callable[[], Awaitable[Receiver]]
+
+TOKEN = "tok-very-secret-123"
+SIGNATURE = "sha256=" + "deadbeef" * 8
+LEVELS = {"debug", "info", "warning", "error", "critical"}
+
+
+def relay_config(tmp_path: Path, url: str) -> str:
+    return (
+        server_toml(tmp_path)
+        + f"""
+[sources.app]
+[targets.svc]
+url = "{url}"
+headers = {{ Authorization = "Bearer ${{RELAY_TEST_TOKEN}}" }}
+[targets.audit]
+url = "log:"
+headers = {{ Authorization = "Bearer ${{RELAY_TEST_TOKEN}}" }}
+[[routes]]
+name = "app-out"
+source = "app"
+targets = ["svc", "audit"]
+"""
+    )
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+
+async def test_log_lines_are_json_with_spec_fields_and_no_secrets(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """One webhook's life in the log: named JSON lines with their fields, and no secret values."""
+    receiver = await receivers()
+    daemon = await daemons(relay_config(tmp_path, receiver.url), env={"RELAY_TEST_TOKEN": TOKEN})
+    body = orjson.dumps({"action": "opened", "number": 7})
+    status, reply, _ = await daemon.post(
+        "/hooks/app",
+        body,
+        headers={"X-Hub-Signature-256": SIGNATURE, "X-GitHub-Event": "pull_request"},
+    )
+    assert status == 202
+    event_id = reply["id"]
+    await daemon.wait_log("delivery.succeeded", event_id=event_id, target="svc")
+    await daemon.wait_log("delivery.succeeded", event_id=event_id, target="audit")
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait() == 0
+
+    # the secrets did reach the target: they were there to leak
+    (request,) = receiver.requests
+    assert request.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert request.headers["X-Hub-Signature-256"] == SIGNATURE
+
+    # every line is JSON with event, level and an ISO 8601 UTC timestamp
+    assert [line for line in daemon.lines if line["event"] == "<not json>"] == []
+    for line in daemon.lines:
+        assert isinstance(line["event"], str), line
+        assert line["level"] in LEVELS, line
+        ts = datetime.fromisoformat(line["ts"].replace("Z", "+00:00"))
+        assert ts.utcoffset() == timedelta(0), line
+
+    started = daemon.find("relay.started")
+    assert started is not None
+    assert started["version"] == __version__
+    assert started["listen"] == daemon.listen
+    assert started["admin"] == daemon.admin
+    assert started["journal"] == str(tmp_path / "relay.db")
+    assert (started["sync"], started["synchronous"]) == ("full", "full")
+    assert (started["sources"], started["routes"], started["targets"]) == (1, 1, 2)
+    assert started["pending"] == 0
+
+    accepted = daemon.find("event.accepted")
+    assert accepted is not None
+    assert accepted["event_id"] == event_id
+    assert accepted["source"] == "app"
+    assert accepted["routes"] == ["app-out"]
+    assert accepted["deliveries"] == 2
+    assert accepted["bytes"] == len(body)
+    assert is_number(accepted["ms"])
+
+    succeeded = daemon.find("delivery.succeeded", target="svc")
+    assert succeeded is not None
+    assert succeeded["delivery_id"] == request.headers["webhook-id"]
+    assert succeeded["event_id"] == event_id
+    assert succeeded["route"] == "app-out"
+    assert succeeded["attempt"] == 1
+    assert succeeded["status"] == 200
+    assert is_number(succeeded["ms"])
+    logged_ok = daemon.find("delivery.succeeded", target="audit")
+    assert logged_ok is not None
+    assert {"delivery_id", "event_id", "route", "attempt", "status", "ms"} <= logged_ok.keys()
+    assert logged_ok["delivery_id"] != succeeded["delivery_id"]
+
+    # a `log:` target shows the headers it would send, sensitive values masked
+    logged = daemon.find("delivery.logged")
+    assert logged is not None
+    headers = {name.lower(): value for name, value in logged["headers"].items()}
+    assert headers["authorization"] == "***"
+    assert headers["x-hub-signature-256"] == "***"
+    assert headers["x-github-event"] == "pull_request"
+
+    for name in ("relay.stopping", "relay.stopped"):
+        stop_line = daemon.find(name)
+        assert stop_line is not None, name
+        assert (stop_line["pending"], stop_line["in_flight"]) == (0, 0), stop_line
+
+    captured = orjson.dumps(daemon.lines).decode() + "".join(daemon.stderr)
+    assert TOKEN not in captured
+    assert SIGNATURE not in captured
+    assert "deadbeef" not in captured
