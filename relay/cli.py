@@ -12,12 +12,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from relay import __version__
 from relay.config import ConfigError, effective_toml, load, starter_toml
+from relay.dryrun import DryRun, dry_run
+from relay.logs import is_sensitive_header
 from relay.model import Config
+from relay.rules import BodyError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -54,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("run", "run the daemon in the foreground")
     with_config("validate", "check the config and print a summary")
     with_config("config", "print the effective config as TOML, secrets hidden")
+    test = with_config("test", "dry-run the rules on a payload; sends nothing")
+    test.add_argument("--source", required=True, help="the source the payload arrives at")
+    payload = test.add_mutually_exclusive_group()
+    payload.add_argument("--file", type=Path, help="read the body from this file")
+    payload.add_argument("--data", help="the body, inline")
+    test.add_argument(
+        "-H", "--header", action="append", default=[], metavar="'K: V'", help="a request header"
+    )
+    test.add_argument("--json", action="store_true", help="print JSON for scripts")
+    test.add_argument(
+        "--show-secrets", action="store_true", help="print credential headers unmasked"
+    )
     init = commands.add_parser("init", help="write a starter config with fresh secrets")
     init.add_argument("file", type=Path, nargs="?", default=Path("relay.toml"))
     return parser
@@ -61,7 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "validate": cmd_validate, "config": cmd_config, "init": cmd_init}
+    handler = {
+        "run": cmd_run,
+        "validate": cmd_validate,
+        "config": cmd_config,
+        "init": cmd_init,
+        "test": cmd_test,
+    }
     try:
         return handler[args.command](args)
     except KeyboardInterrupt:
@@ -150,3 +175,86 @@ def cmd_init(args: argparse.Namespace) -> int:
         return _fail(f"cannot write {path}: {error}", EXIT_FAILURE)
     print(f"wrote {path} (mode 600: it holds secrets); check it with: relay validate -c {path}")
     return EXIT_OK
+
+
+def _parse_headers(raw: Sequence[str]) -> list[tuple[str, str]] | None:
+    headers = []
+    for item in raw:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            return None
+        headers.append((name.strip(), value.strip()))
+    return headers
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if isinstance(config, int):
+        return config
+    if args.source not in config.sources:
+        known = ", ".join(config.sources) or "none"
+        return _fail(f'unknown source "{args.source}" (known: {known})', EXIT_USAGE)
+    headers = _parse_headers(args.header)
+    if headers is None:
+        return _fail("a header must look like 'Name: value'", EXIT_USAGE)
+    if not any(name.lower() == "content-type" for name, _ in headers):
+        headers.append(("Content-Type", "application/json"))
+    try:
+        body = args.file.read_bytes() if args.file else (args.data or "").encode()
+    except OSError as error:
+        return _fail(f"cannot read {args.file}: {error}", EXIT_FAILURE)
+    try:
+        result = dry_run(config, args.source, body, headers, time.time_ns() // 1_000_000)
+    except BodyError as error:
+        return _fail(f"the daemon would answer {error.status}: {error}", EXIT_FAILURE)
+    if args.json:
+        sys.stdout.write(orjson.dumps(_dry_run_json(result, args.show_secrets)).decode() + "\n")
+    else:
+        _print_dry_run(result, args.show_secrets)
+    return EXIT_OK
+
+
+def _shown_headers(headers: list[tuple[str, str]], show_secrets: bool) -> list[tuple[str, str]]:
+    if show_secrets:
+        return headers
+    return [(k, "***" if is_sensitive_header(k) else v) for k, v in headers]
+
+
+def _dry_run_json(result: DryRun, show_secrets: bool) -> dict[str, Any]:
+    return {
+        "source": result.source,
+        "event_id": result.event_id,
+        "routes": [
+            {"name": d.name, "matched": d.matched, "error": d.error} for d in result.decisions
+        ],
+        "requests": [
+            {
+                "route": r.route,
+                "target": r.target,
+                "method": r.method,
+                "url": r.url,
+                "headers": _shown_headers(r.headers, show_secrets),
+                "body": r.body.decode("utf-8", errors="replace"),
+                "error": r.error,
+            }
+            for r in result.requests
+        ],
+    }
+
+
+def _print_dry_run(result: DryRun, show_secrets: bool) -> None:
+    matched = sum(d.matched for d in result.decisions)
+    print(f"source {result.source}: {matched} of {len(result.decisions)} routes match")
+    for d in result.decisions:
+        verdict = "match" if d.matched else ("error" if d.error else "no match")
+        print(f"  {verdict:<9} {d.name}" + (f": {d.error}" if d.error else ""))
+    for r in result.requests:
+        print(f"\n{r.route} -> {r.target}")
+        if r.error:
+            print(f"  dead: {r.error}")
+            continue
+        print(f"  {r.method} {r.url}")
+        for name, value in _shown_headers(r.headers, show_secrets):
+            print(f"  {name}: {value}")
+        print()
+        print("  " + r.body.decode("utf-8", errors="replace").replace("\n", "\n  "))

@@ -3,9 +3,9 @@
 This module owns the only `aiohttp.ClientSession` (SPEC §4). Each target has
 a lane: it pulls a bounded window of due deliveries from the journal (so a
 backlog of any size is never in memory), keeps at most `concurrency` requests
-in flight, builds each request (original body and headers minus hop-by-hop,
-`Host` and `Content-Length`, then the target's headers and relay's own), sends
-it without following redirects, keeps at most 64 KiB of the answer, asks
+in flight, has `relay.outbound` build each request with the config current at
+that attempt (a failing transform makes the delivery dead), sends it without
+following redirects, keeps at most 64 KiB of the answer, asks
 `relay.policy` what the result means, and has the journal record the attempt
 (group-committed with others). A `log:` target writes the request to the log
 instead. The lane never speaks SQL; a delivery is in at most one lane's hands
@@ -19,37 +19,25 @@ import contextlib
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
-from multidict import CIMultiDict
 
 from relay import logs, policy
 from relay.journal import AttemptRecord, DueDelivery, Journal, JournalError
-from relay.model import Config, TargetConfig
+from relay.model import Config, RouteConfig, TargetConfig
+from relay.outbound import (
+    OutboundRequest,
+    StoredRequest,
+    TransformError,
+    build_request,
+)
 
 log = logs.get_logger()
 
 MAX_RESPONSE_BYTES = 64 * 1024
 LOG_BODY_BYTES = 4 * 1024
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "expect",
-    }
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,34 +54,6 @@ class AttemptResult:
         return f"HTTP {self.status}" if self.status is not None else self.error or "no response"
 
 
-def outbound_headers(
-    original: Iterable[tuple[str, str]],
-    target: TargetConfig,
-    delivery: DueDelivery,
-    attempt: int,
-) -> CIMultiDict[str]:
-    """The request headers of SPEC §4 for one attempt."""
-    pairs = list(original)
-    named_by_connection = {
-        token.strip().lower()
-        for name, value in pairs
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
-    headers: CIMultiDict[str] = CIMultiDict(
-        (name, value)
-        for name, value in pairs
-        if name.lower() not in HOP_BY_HOP and name.lower() not in named_by_connection
-    )
-    for name, value in target.headers.items():
-        headers[name] = value
-    headers["webhook-id"] = delivery.id
-    headers["X-Relay-Event-Id"] = delivery.event_id
-    headers["X-Relay-Source"] = delivery.source
-    headers["X-Relay-Attempt"] = str(attempt)
-    return headers
-
-
 async def read_limited(content: aiohttp.StreamReader, limit: int) -> bytes:
     """At most `limit` bytes of a response body."""
     chunks: list[bytes] = []
@@ -108,53 +68,78 @@ async def read_limited(content: aiohttp.StreamReader, limit: int) -> bytes:
 
 
 async def send(
-    session: aiohttp.ClientSession,
-    target: TargetConfig,
-    delivery: DueDelivery,
-    headers: Mapping[str, str],
+    session: aiohttp.ClientSession, request: OutboundRequest, timeout_s: float
 ) -> AttemptResult:
     """One HTTP attempt; never raises for network trouble, it returns it."""
     try:
         async with session.request(
-            target.method,
-            target.url,
-            data=delivery.body,
-            headers=headers,
+            request.method,
+            request.url,
+            data=request.body,
+            headers=request.headers,
             allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=target.timeout_s),
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as response:
             body = await read_limited(response.content, MAX_RESPONSE_BYTES)
-            return AttemptResult(
-                response.status,
-                None,
-                body,
-                response.headers.get("Retry-After"),
-            )
+            return AttemptResult(response.status, None, body, response.headers.get("Retry-After"))
     except TimeoutError:
-        return AttemptResult(None, f"timeout after {target.timeout_s:g}s")
+        return AttemptResult(None, f"timeout after {timeout_s:g}s")
     except (aiohttp.ClientError, OSError) as error:
         return AttemptResult(None, f"{type(error).__name__}: {error}".strip().rstrip(":"))
 
 
-def log_request(target: TargetConfig, delivery: DueDelivery, headers: Mapping[str, str]) -> None:
+def log_request(delivery: DueDelivery, target: str, request: OutboundRequest) -> None:
     """What a `log:` target does instead of sending."""
     log.info(
         "delivery.logged",
         delivery_id=delivery.id,
         event_id=delivery.event_id,
-        target=target.name,
+        target=target,
         route=delivery.route,
-        method=target.method,
-        headers=logs.mask_headers(headers.items()),
-        body=delivery.body[:LOG_BODY_BYTES].decode("utf-8", errors="replace"),
+        method=request.method,
+        headers=logs.mask_headers(request.headers.items()),
+        body=request.body[:LOG_BODY_BYTES].decode("utf-8", errors="replace"),
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The config as the lanes read it at each attempt; replaced whole on reload."""
+
+    config: Config
+    routes: Mapping[str, RouteConfig]
+
+    @classmethod
+    def of(cls, config: Config) -> Settings:
+        return cls(config, {route.name: route for route in config.routes})
+
+
+def stored_request(delivery: DueDelivery) -> StoredRequest:
+    return StoredRequest(
+        delivery_id=delivery.id,
+        event_id=delivery.event_id,
+        source=delivery.source,
+        method=delivery.method,
+        path=delivery.path,
+        query=delivery.query,
+        headers=delivery.headers,
+        body=delivery.body,
+        received_at_ms=delivery.created_at_ms,
     )
 
 
 class Lane:
     """One target's queue: a window of due deliveries, at most `concurrency` in flight."""
 
-    def __init__(self, target: TargetConfig, journal: Journal, session: aiohttp.ClientSession):
+    def __init__(
+        self,
+        target: TargetConfig,
+        settings: Callable[[], Settings],
+        journal: Journal,
+        session: aiohttp.ClientSession,
+    ) -> None:
         self.target = target
+        self._settings = settings
         self._journal = journal
         self._session = session
         self._window = max(16, 4 * target.concurrency)
@@ -198,33 +183,47 @@ class Lane:
         return False
 
     async def _attempt(self, delivery: DueDelivery) -> None:
-        target = self.target  # the settings current at this attempt
+        settings = self._settings()  # the config current at this attempt
+        target = settings.config.targets.get(self.target.name, self.target)
         try:
+            reason = None
             if policy.expired(
-                received_at_s=delivery.created_at_ms / 1000,
-                now_s=time.time(),
-                retry=target.retry,
+                received_at_s=delivery.created_at_ms / 1000, now_s=time.time(), retry=target.retry
             ):
+                reason = f"max_age {target.retry.max_age_s:g}s exceeded"
+            else:
+                try:
+                    request = build_request(
+                        target=target,
+                        route=settings.routes.get(delivery.route),
+                        source=settings.config.sources.get(delivery.source),
+                        request=stored_request(delivery),
+                        attempt=delivery.attempts + 1,
+                    )
+                except TransformError as error:
+                    reason = str(error)
+            if reason is not None:
                 self._slots.release()
-                await self._expire(delivery, target)
+                await self._give_up(delivery, target, reason)
                 return
-            await self._send_and_record(delivery, target)
+            await self._send_and_record(delivery, target, request)
         finally:
             self._held.discard(delivery.id)
             self._wake.set()  # a retry may now be the next one due
 
-    async def _send_and_record(self, delivery: DueDelivery, target: TargetConfig) -> None:
+    async def _send_and_record(
+        self, delivery: DueDelivery, target: TargetConfig, request: OutboundRequest
+    ) -> None:
         attempt = delivery.attempts + 1
-        headers = outbound_headers(delivery.headers, target, delivery, attempt)
         started_ms = _now_ms()
         started = time.perf_counter()
         self.in_flight += 1
         try:
             if target.is_log:
-                log_request(target, delivery, headers)
+                log_request(delivery, target.name, request)
                 result = AttemptResult(None, None)
             else:
-                result = await send(self._session, target, delivery, headers)
+                result = await send(self._session, request, target.timeout_s)
         except Exception as error:  # a bug here must cost one attempt, not make a hot loop
             log.exception("delivery.internal_error", delivery_id=delivery.id, target=target.name)
             result = AttemptResult(None, f"internal error: {type(error).__name__}: {error}")
@@ -292,10 +291,8 @@ class Lane:
         else:
             log.error("delivery.dead", error=result.error, reason=step.reason, **fields)
 
-    async def _expire(self, delivery: DueDelivery, target: TargetConfig) -> None:
-        reason = (
-            f"max_age {target.retry.max_age_s:g}s exceeded before attempt {delivery.attempts + 1}"
-        )
+    async def _give_up(self, delivery: DueDelivery, target: TargetConfig, reason: str) -> None:
+        """Make the delivery dead without an attempt (too old, or its transform failed)."""
         try:
             await self._journal.expire(delivery.id, delivery.event_id, reason)
         except JournalError as error:
@@ -339,12 +336,18 @@ class Deliverer:
     def __init__(self, journal: Journal, session: aiohttp.ClientSession) -> None:
         self._journal = journal
         self._session = session
+        self.settings: Settings | None = None
         self.lanes: dict[str, Lane] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
 
+    def _current(self) -> Settings:
+        assert self.settings is not None, "start() sets the settings"
+        return self.settings
+
     def start(self, config: Config) -> None:
+        self.settings = Settings.of(config)
         for name, target in config.targets.items():
-            lane = Lane(target, self._journal, self._session)
+            lane = Lane(target, self._current, self._journal, self._session)
             self.lanes[name] = lane
             self._runners[name] = asyncio.create_task(lane.run(), name=f"lane-{name}")
 

@@ -15,7 +15,6 @@ import asyncio
 import ipaddress
 import ssl
 import time
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +26,8 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from relay import ids, logs
 from relay.journal import Journal, JournalError, NewDelivery, NewEvent
-from relay.model import Address, Config, RouteConfig, SourceConfig
-from relay.rules import BodyError, decide_routes, event_document, normalize_headers, parse_body
+from relay.model import Address, Config, SourceConfig
+from relay.rules import BodyError, RouteSet, request_document
 
 log = logs.get_logger()
 
@@ -60,14 +59,14 @@ class Routing:
 
     config: Config
     by_path: Mapping[str, SourceConfig] = field(default_factory=dict)
-    routes: Mapping[str, tuple[RouteConfig, ...]] = field(default_factory=dict)
+    routes: Mapping[str, RouteSet] = field(default_factory=dict)
 
     @classmethod
     def of(cls, config: Config) -> Routing:
         return cls(
             config,
             {s.path: s for s in config.sources.values()},
-            {name: config.routes_of(name) for name in config.sources},
+            {name: RouteSet(config.routes_of(name)) for name in config.sources},
         )
 
 
@@ -88,10 +87,6 @@ def _json(status: int, payload: Any, headers: Mapping[str, str] | None = None) -
         content_type="application/json",
         headers=headers,
     )
-
-
-def _utc_iso(ms: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
 
 
 class Inbound:
@@ -137,28 +132,26 @@ class Inbound:
         received_ms = time.time_ns() // 1_000_000
         event_id = ids.event_id(received_ms)
         headers = list(request.headers.items())
-        content_type = request.headers.get("Content-Type", "")
         try:
-            parsed = parse_body(content_type, decode_content(request, body, source.max_body_bytes))
+            document = request_document(
+                event_id=event_id,
+                source=source.name,
+                method=request.method,
+                path=request.path,
+                query=request.query_string,
+                headers=headers,
+                body=body,
+                received_at_ms=received_ms,
+                max_body_bytes=source.max_body_bytes,
+            )
         except BodyError as error:
-            raise Rejected(400, str(error)) from None
-        document = event_document(
-            event_id=event_id,
-            source=source.name,
-            method=request.method,
-            path=request.path,
-            query=dict(request.query),
-            headers=normalize_headers(headers),
-            body=parsed,
-            received_at=_utc_iso(received_ms),
-        )
-        routes = routing.routes.get(source.name, ())
-        decisions = decide_routes(routes, document)
-        matched = {d.name for d in decisions if d.matched}
+            raise Rejected(error.status, str(error)) from None
+        route_set = routing.routes[source.name]
+        decisions = route_set.decide(document)
         deliveries = [
             NewDelivery(ids.delivery_id(received_ms), route.name, target)
-            for route in routes
-            if route.name in matched
+            for route, decision in zip(route_set.routes, decisions, strict=True)
+            if decision.matched
             for target in route.targets
         ]
         event = NewEvent(
@@ -188,7 +181,7 @@ class Inbound:
             "event.accepted",
             event_id=event_id,
             source=source.name,
-            routes=sorted(matched),
+            routes=[d.name for d in decisions if d.matched],
             deliveries=len(deliveries),
             bytes=len(body),
             ms=round((time.perf_counter() - started) * 1000, 3),
@@ -240,24 +233,6 @@ async def read_body(request: web.BaseRequest, max_body_bytes: int, timeout_s: fl
     except (ConnectionError, RequestPayloadError, ValueError) as error:
         raise Rejected(400, f"could not read body: {error}") from None
     return b"".join(chunks)
-
-
-def decode_content(request: web.BaseRequest, body: bytes, max_bytes: int) -> bytes:
-    """The body for parsing: decompressed per Content-Encoding (the journal keeps it as sent)."""
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise Rejected(415, f"unsupported Content-Encoding {encoding}")
-    window = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
-    try:
-        decoder = zlib.decompressobj(window)
-        data = decoder.decompress(body, max_bytes + 1)
-    except zlib.error as error:
-        raise Rejected(400, f"body is not valid {encoding}: {error}") from None
-    if len(data) > max_bytes:
-        raise Rejected(413, f"decompressed body exceeds max_body {max_bytes} bytes")
-    return data
 
 
 def admin_handler(health: Health) -> Callable[[web.BaseRequest], Any]:

@@ -11,14 +11,17 @@ network, no SQL, no clock.
 from __future__ import annotations
 
 import re
+import time
 import urllib.parse
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import jmespath
 import jmespath.exceptions
 import jmespath.functions
+import jmespath.parser
 import orjson
 
 if TYPE_CHECKING:
@@ -30,7 +33,11 @@ class RuleError(ValueError):
 
 
 class BodyError(ValueError):
-    """A body declared as JSON that does not parse; str() is a one-line reason."""
+    """A body that cannot be read for the rules; str() is a one-line reason, `status` the 4xx."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 class RelayFunctions(jmespath.functions.Functions):
@@ -112,19 +119,113 @@ class RouteDecision:
 def decide_routes(
     routes: Iterable[RouteConfig], document: Mapping[str, Any]
 ) -> list[RouteDecision]:
-    """Evaluate each route's filter; a route without a filter matches every event."""
-    decisions = []
-    for route in routes:
-        if route.filter is None:
-            decisions.append(RouteDecision(route.name, True, None))
-            continue
-        try:
-            matched = is_truthy(route.filter.search(document))
-        except Exception as error:  # noqa: BLE001 - any failure in a filter is "no match"
-            decisions.append(RouteDecision(route.name, False, f"{type(error).__name__}: {error}"))
-            continue
-        decisions.append(RouteDecision(route.name, matched, None))
-    return decisions
+    """Evaluate each route's filter one by one (the reference for RouteSet.decide)."""
+    return [
+        RouteDecision(route.name, True, None)
+        if route.filter is None
+        else _decide_one(route, route.filter.compiled, document)
+        for route in routes
+    ]
+
+
+def _decide_one(route: RouteConfig, filter_: Any, document: Mapping[str, Any]) -> RouteDecision:
+    try:
+        matched = is_truthy(filter_.search(document, options=OPTIONS))
+    except Exception as error:  # noqa: BLE001 - any failure in a filter is "no match"
+        return RouteDecision(route.name, False, f"{type(error).__name__}: {error}")
+    return RouteDecision(route.name, matched, None)
+
+
+FieldPath = tuple[str, ...]
+
+
+def _field_path(node: Mapping[str, Any]) -> FieldPath | None:
+    """`headers.x_github_event` as ("headers", "x_github_event"); None for anything else."""
+    if node["type"] == "field":
+        return (node["value"],)
+    if node["type"] == "subexpression":
+        parts = [_field_path(child) for child in node["children"]]
+        if all(part is not None for part in parts):
+            return tuple(name for part in parts if part is not None for name in part)
+    return None
+
+
+def dispatch_key(node: Mapping[str, Any]) -> tuple[FieldPath, str, dict[str, Any] | None] | None:
+    """Split a filter AST into (field path, string literal, the rest or None) when it starts
+    with `path == 'literal'`; the rest must also be truthy for a match. Only the leftmost
+    comparison of an `&&` chain is taken, so short-circuit order (and errors) stay the same.
+    """
+    if node["type"] == "comparator" and node["value"] == "eq":
+        left, right = node["children"]
+        for path_node, literal in ((left, right), (right, left)):
+            path = _field_path(path_node)
+            if path and literal["type"] == "literal" and isinstance(literal["value"], str):
+                return path, literal["value"], None
+        return None
+    if node["type"] == "and_expression":
+        left, right = node["children"]
+        found = dispatch_key(left)
+        if found is not None:
+            path, value, rest = found
+            both = {"type": "and_expression", "children": [rest, right]}
+            return path, value, right if rest is None else both
+    return None
+
+
+def _lookup(document: Mapping[str, Any], path: FieldPath) -> Any:
+    value: Any = document
+    for name in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(name)
+    return value
+
+
+class RouteSet:
+    """A source's routes, compiled for cheap evaluation of many filters.
+
+    Filters of the common shape `path == 'literal' [&& rest]` go into a dispatch table
+    per field path: one dict look-up finds the candidates, and only their `rest` is
+    evaluated. Other filters are evaluated one by one. `decide` gives exactly what
+    `decide_routes` gives (a test holds it to that on the GitHub corpus).
+    """
+
+    def __init__(self, routes: Iterable[RouteConfig]) -> None:
+        self.routes = tuple(routes)
+        self._no_match = [RouteDecision(r.name, False, None) for r in self.routes]
+        self._tables: dict[FieldPath, dict[str, list[int]]] = {}
+        self._rest: dict[int, Any] = {}
+        self._plain: list[int] = []
+        for index, route in enumerate(self.routes):
+            split = dispatch_key(route.filter.compiled.parsed) if route.filter else None
+            if split is None:
+                self._plain.append(index)
+                continue
+            path, value, rest = split
+            self._tables.setdefault(path, {}).setdefault(value, []).append(index)
+            if rest is not None:
+                self._rest[index] = jmespath.parser.ParsedResult("", cast(Any, rest))
+
+    def decide(self, document: Mapping[str, Any]) -> list[RouteDecision]:
+        decisions = list(self._no_match)
+        for path, table in self._tables.items():
+            value = _lookup(document, path)
+            for index in table.get(value, ()) if isinstance(value, str) else ():
+                rest = self._rest.get(index)
+                route = self.routes[index]
+                decisions[index] = (
+                    RouteDecision(route.name, True, None)
+                    if rest is None
+                    else _decide_one(route, rest, document)
+                )
+        for index in self._plain:
+            route = self.routes[index]
+            decisions[index] = (
+                RouteDecision(route.name, True, None)
+                if route.filter is None
+                else _decide_one(route, route.filter.compiled, document)
+            )
+        return decisions
 
 
 def header_key(name: str) -> str:
@@ -154,8 +255,10 @@ def parse_body(content_type: str, body: bytes) -> Any:
     """The document's `body`: JSON, form fields as an object, else text. Raises BodyError."""
     kind = media_type(content_type)
     if is_json_type(content_type):
+        if not body.strip():
+            return None  # an empty body declared as JSON: no payload, not an error
         try:
-            return orjson.loads(body)
+            return orjson.loads(body.removeprefix(b"\xef\xbb\xbf"))
         except orjson.JSONDecodeError as error:
             raise BodyError(f"body is not valid JSON: {error}") from None
     text = body.decode("utf-8", errors="replace")
@@ -171,6 +274,55 @@ def parse_body(content_type: str, body: bytes) -> Any:
                 fields[key] = [present, value]
         return fields
     return text
+
+
+def decode_body(content_encoding: str, body: bytes, max_bytes: int) -> bytes:
+    """The body as the rules see it: decompressed per Content-Encoding, within `max_bytes`."""
+    encoding = content_encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise BodyError(f"unsupported Content-Encoding {encoding}", 415)
+    window = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    try:
+        data = zlib.decompressobj(window).decompress(body, max_bytes + 1)
+    except zlib.error as error:
+        raise BodyError(f"body is not valid {encoding}: {error}") from None
+    if len(data) > max_bytes:
+        raise BodyError(f"decompressed body exceeds max_body {max_bytes} bytes", 413)
+    return data
+
+
+def rfc3339_ms(ms: int) -> str:
+    """Unix milliseconds as `2026-11-28T19:00:00.123Z`."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+def request_document(
+    *,
+    event_id: str,
+    source: str,
+    method: str,
+    path: str,
+    query: str,
+    headers: Sequence[tuple[str, str]],
+    body: bytes,
+    received_at_ms: int,
+    max_body_bytes: int,
+) -> dict[str, Any]:
+    """The event document of a request as received (raises BodyError for unreadable bodies)."""
+    header_map = normalize_headers(headers)
+    decoded = decode_body(header_map.get("content_encoding", ""), body, max_body_bytes)
+    return event_document(
+        event_id=event_id,
+        source=source,
+        method=method,
+        path=path,
+        query=dict(urllib.parse.parse_qsl(query, keep_blank_values=True)),
+        headers=header_map,
+        body=parse_body(header_map.get("content_type", ""), decoded),
+        received_at=rfc3339_ms(received_at_ms),
+    )
 
 
 def event_document(

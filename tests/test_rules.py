@@ -351,7 +351,14 @@ def test_json_scalars_and_arrays_are_bodies_too() -> None:
     assert parse_body("application/json", b"null") is None
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b'{"a": 1,}', b"not json", b'"\xff"'])
+def test_empty_json_body_is_null_and_a_bom_is_ignored() -> None:
+    """An empty body declared as JSON is a null body, and a UTF-8 byte order mark is skipped."""
+    assert parse_body("application/json", b"") is None
+    assert parse_body("application/json", b"  \r\n") is None
+    assert parse_body("application/json", b'\xef\xbb\xbf{"a": 1}') == {"a": 1}
+
+
+@pytest.mark.parametrize("raw", [b"{", b'{"a": 1,}', b"not json", b'"\xff"'])
 def test_invalid_json_raises_body_error_with_one_line(raw: bytes) -> None:
     """A body declared JSON that does not parse is rejected with a one-line reason."""
     with pytest.raises(BodyError) as raised:
