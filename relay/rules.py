@@ -10,6 +10,7 @@ network, no SQL, no clock.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import urllib.parse
@@ -251,16 +252,25 @@ def is_json_type(content_type: str) -> bool:
     return kind == "application/json" or kind.endswith("+json")
 
 
+def _parse_json_slowly(data: bytes, error: orjson.JSONDecodeError) -> Any:
+    """Valid JSON that orjson refuses (integers beyond 64 bits) still parses; else BodyError."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise BodyError(f"body is not valid JSON: {error}") from None
+
+
 def parse_body(content_type: str, body: bytes) -> Any:
     """The document's `body`: JSON, form fields as an object, else text. Raises BodyError."""
     kind = media_type(content_type)
     if is_json_type(content_type):
         if not body.strip():
             return None  # an empty body declared as JSON: no payload, not an error
+        data = body.removeprefix(b"\xef\xbb\xbf")
         try:
-            return orjson.loads(body.removeprefix(b"\xef\xbb\xbf"))
+            return orjson.loads(data)
         except orjson.JSONDecodeError as error:
-            raise BodyError(f"body is not valid JSON: {error}") from None
+            return _parse_json_slowly(data, error)
     text = body.decode("utf-8", errors="replace")
     if kind == "application/x-www-form-urlencoded":
         fields: dict[str, Any] = {}

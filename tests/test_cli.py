@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
 
 from relay import __version__
+
+from conftest import free_port
 
 TIMEOUT_S = 30
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+
 from conftest import Daemon, eventually, server_toml
 
 DaemonFactory = Callable[..., Awaitable[Daemon]]

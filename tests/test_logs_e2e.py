@@ -8,9 +8,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import orjson
-from conftest import Daemon, Receiver, server_toml
 
 from relay import __version__
+
+from conftest import Daemon, Receiver, server_toml
 
 DaemonFactory = Callable[..., Awaitable[Daemon]]
 ReceiverFactory = Callable[[], Awaitable[Receiver]]

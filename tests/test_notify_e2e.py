@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from conftest import Daemon, eventually, server_toml
 
 DaemonFactory = Callable[..., Awaitable[Daemon]]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+
 from conftest import Daemon, Receiver, eventually, free_port, server_toml
 
 DaemonFactory = Callable[..., Awaitable[Daemon]]
