@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-CORPUS = REPO.parent / "shared" / "corpus" / "github"
+CORPUS = Path(os.environ.get("RELAY_CORPUS") or REPO.parent / "shared" / "corpus" / "github")
 sys.path.insert(0, str(REPO))
 
 from relay.model import RouteConfig  # noqa: E402 - after the path set-up above

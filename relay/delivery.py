@@ -231,6 +231,7 @@ class Lane:
             self.in_flight -= 1
             self._slots.release()
         elapsed_ms = (time.perf_counter() - started) * 1000
+        decided_at_s = time.time()
         outcome = (
             policy.Outcome.DELIVERED
             if target.is_log and result.error is None
@@ -241,7 +242,7 @@ class Lane:
             attempt=attempt,
             retry=target.retry,
             received_at_s=delivery.created_at_ms / 1000,
-            now_s=time.time(),
+            now_s=decided_at_s,
             jitter=random.random(),
             failure=result.failure,
         )
@@ -263,7 +264,8 @@ class Lane:
         except JournalError as error:
             log.error("journal.write_failed", error=str(error), delivery_id=delivery.id)
             return  # still pending in the journal: it will be attempted again
-        self._log_attempt(delivery, target, attempt, result, step, elapsed_ms)
+        retry_in_s = (step.next_at_s or decided_at_s) - decided_at_s
+        self._log_attempt(delivery, target, attempt, result, step, elapsed_ms, retry_in_s)
 
     def _log_attempt(
         self,
@@ -273,6 +275,7 @@ class Lane:
         result: AttemptResult,
         step: policy.Step,
         elapsed_ms: float,
+        retry_in_s: float,
     ) -> None:
         fields = {
             "delivery_id": delivery.id,
@@ -286,8 +289,9 @@ class Lane:
         if step.outcome is policy.Outcome.DELIVERED:
             log.info("delivery.succeeded", **fields)
         elif step.outcome is policy.Outcome.RETRY:
-            retry_in_s = round((step.next_at_s or 0) - time.time(), 3)
-            log.warning("delivery.failed", error=result.error, retry_in_s=retry_in_s, **fields)
+            log.warning(
+                "delivery.failed", error=result.error, retry_in_s=round(retry_in_s, 3), **fields
+            )
         else:
             log.error("delivery.dead", error=result.error, reason=step.reason, **fields)
 

@@ -28,8 +28,14 @@ import pytest
 from aiohttp import web
 
 REPO = Path(__file__).resolve().parent.parent
-CORPUS = REPO.parent / "shared" / "corpus" / "github"
+# Real GitHub payloads: ../shared/corpus/github beside the checkout, or $RELAY_CORPUS.
+CORPUS = Path(os.environ.get("RELAY_CORPUS") or REPO.parent / "shared" / "corpus" / "github")
 DEADLINE_S = 20.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not (CORPUS / "index.json").exists():
+        pytest.exit(f"the GitHub payload corpus is missing: {CORPUS} (set RELAY_CORPUS)", 2)
 
 
 async def eventually(

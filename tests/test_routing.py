@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
-from pathlib import Path
 from typing import Any
 
 import jmespath
@@ -23,7 +22,8 @@ from relay.rules import (
     request_document,
 )
 
-CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus" / "github"
+from conftest import CORPUS
+
 INDEX = json.loads((CORPUS / "index.json").read_text())
 
 # Every filter expression these tests use: dispatchable shapes and others, some that raise.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +20,7 @@ from relay.rules import (
     parse_body,
 )
 
-CORPUS = Path("/work/shared/corpus/github")
+from conftest import CORPUS
 
 
 def route(name: str, filter_text: str | None) -> RouteConfig:
