@@ -145,3 +145,15 @@ async def test_reopening_resumes_pending_deliveries(tmp_path: Path) -> None:
         assert await journal.pending_count() == 1
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+async def test_checkpoint_moves_the_wal_into_the_database(tmp_path: Path) -> None:
+    """A checkpoint copies every committed page into the main file, so the WAL can be reused."""
+    async with open_journal(tmp_path / "j.db", "full") as journal:
+        for n in range(20):
+            await journal.append(new_event(1000 + n, body=b"x" * 4000))
+        busy, wal_pages, done = await journal.checkpoint()
+        assert busy == 0
+        assert wal_pages > 0
+        assert done == wal_pages
+    assert (tmp_path / "j.db").stat().st_size > 20 * 4000
