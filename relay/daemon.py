@@ -143,17 +143,18 @@ async def _pending(journal: Journal) -> int | None:
 
 
 async def _maintain(journal: Journal, config: Config) -> None:
-    """Checkpoint the WAL every few seconds; delete finished events past `retention`."""
+    """From the start and then on a timer: checkpoint the WAL, delete events past `retention`."""
     next_prune = time.monotonic()
     while True:
-        await asyncio.sleep(CHECKPOINT_EVERY_S)
         try:
-            await journal.checkpoint()
+            busy, wal_pages, done = await journal.checkpoint()
+            log.debug("journal.checkpointed", busy=busy, wal_pages=wal_pages, checkpointed=done)
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + PRUNE_EVERY_S
                 await _prune(journal, config.server.retention_s)
         except JournalError as error:
             log.error("journal.maintenance_failed", error=str(error))
+        await asyncio.sleep(CHECKPOINT_EVERY_S)
 
 
 async def _prune(journal: Journal, retention_s: float) -> None:

@@ -157,6 +157,7 @@ WriteFn = Callable[[sqlite3.Connection], Any]
 class _Write:
     fn: WriteFn
     future: asyncio.Future[Any]
+    alone: bool = False  # runs outside any transaction (PRAGMA wal_checkpoint must)
 
 
 def now_ms() -> int:
@@ -184,9 +185,9 @@ class _Writer:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, fn: WriteFn) -> asyncio.Future[Any]:
+    def submit(self, fn: WriteFn, *, alone: bool = False) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._queue.put(_Write(fn, future))
+        self._queue.put(_Write(fn, future, alone))
         return future
 
     def stop(self) -> None:
@@ -211,9 +212,22 @@ class _Writer:
                     stop = True
                     break
                 batch.append(item)
-            self._commit(batch)
+            together = [write for write in batch if not write.alone]
+            if together:
+                self._commit(together)
+            for write in batch:
+                if write.alone:
+                    self._run_alone(write)
             if stop:
                 return
+
+    def _run_alone(self, write: _Write) -> None:
+        try:
+            result = write.fn(self._conn)
+        except sqlite3.Error as error:
+            self._loop.call_soon_threadsafe(_settle, [write], None, JournalError(str(error)))
+            return
+        self._loop.call_soon_threadsafe(_settle, [write], [result], None)
 
     def _commit(self, batch: list[_Write]) -> None:
         started = time.perf_counter()
@@ -433,9 +447,9 @@ class Journal:
         """Call `observer(seconds, writes)` from the writer thread after every commit."""
         self._writer.on_commit = observer
 
-    async def _write(self, fn: WriteFn) -> Any:
+    async def _write(self, fn: WriteFn, *, alone: bool = False) -> Any:
         # Shielded: a cancelled waiter (client gone) must not look like a failed write.
-        return await asyncio.shield(self._writer.submit(fn))
+        return await asyncio.shield(self._writer.submit(fn, alone=alone))
 
     async def append(self, event: NewEvent) -> None:
         """Commit the event and its deliveries in one transaction (group-committed)."""
@@ -461,7 +475,7 @@ class Journal:
 
     async def checkpoint(self) -> tuple[int, int, int]:
         """Checkpoint the WAL (passive): (busy, wal pages, pages checkpointed)."""
-        result: tuple[int, int, int] = await self._write(_checkpoint)
+        result: tuple[int, int, int] = await self._write(_checkpoint, alone=True)
         return result
 
     async def due(

@@ -167,3 +167,28 @@ async def test_nothing_acknowledged_is_lost_across_sigkill(
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         journaled = {row[0] for row in conn.execute("SELECT id FROM events")}
     assert acknowledged <= journaled
+
+
+async def test_retention_and_checkpoint_run_from_the_start(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """Finished events past `retention` are deleted, pending ones stay; the WAL is checkpointed."""
+    config = relay_config(tmp_path, f"http://127.0.0.1:{free_port()}/down")
+    daemon = await daemons(config.replace('sync = "full"', 'sync = "full"\nretention = "1h"'))
+    _, pending, _ = await daemon.post("/hooks/app", {"kept": "pending"})
+    await daemon.stop()
+    old_ms = 1_000_000  # 1970: far past retention
+    with contextlib.closing(sqlite3.connect(tmp_path / "relay.db")) as conn, conn:
+        conn.execute("UPDATE events SET received_at_ms = ?", (old_ms,))
+        for n in range(3):
+            conn.execute(
+                "INSERT INTO events (id, source, received_at_ms, method, path, query, headers,"
+                " body, status, routes) VALUES (?, 'app', ?, 'POST', '/hooks/app', '', '[]',"
+                " x'', ?, '[]')",
+                (f"evt_OLD{n}", old_ms, ["delivered", "dead", "unrouted"][n]),
+            )
+    await daemon.start()
+    pruned = await daemon.wait_log("journal.pruned")
+    assert pruned["events"] == 3
+    await daemon.wait_log("journal.checkpointed")
+    assert daemon.query("SELECT id FROM events") == [(pending["id"],)]
