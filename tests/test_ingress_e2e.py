@@ -185,11 +185,13 @@ async def test_journal_failure_is_a_503_and_not_ready_until_it_recovers(
 ) -> None:
     """When the disk refuses writes: 503 with Retry-After, /readyz 503, the daemon stays up."""
     daemon = await daemons(demo_config(tmp_path, max_body='"4MiB"'))
-    assert (await daemon.post("/hooks/app", b"{}"))[0] == 202
+    await daemon.wait_log("journal.checkpointed")  # the WAL restarts at the next write
+    big = orjson.dumps({"pad": "x" * 300_000})  # the largest write yet: it ends the WAL file
+    assert (await daemon.post("/hooks/app", big))[0] == 202
     assert daemon.process is not None
     pid = daemon.process.pid
-    # The kernel refuses to grow any file of the daemon past this size (EFBIG): a full disk.
-    limit = max(p.stat().st_size for p in tmp_path.glob("relay.db*"))
+    # The kernel now refuses to grow the WAL (EFBIG), as a full disk would: every write fails.
+    limit = (tmp_path / "relay.db-wal").stat().st_size
     resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
     status, reply, headers = await daemon.post("/hooks/app", orjson.dumps({"pad": "x" * 3_000_000}))
     assert status == 503
