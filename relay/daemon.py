@@ -166,8 +166,15 @@ async def _prune(journal: Journal, retention_s: float) -> None:
         if batch < PRUNE_BATCH:
             break
         await asyncio.sleep(0)  # let ingest batches in between
-    if deleted:
-        log.info("journal.pruned", events=deleted, retention_s=retention_s)
+    forgotten = 0
+    while True:
+        batch = await journal.forget_keys(int(time.time() * 1000), PRUNE_BATCH)
+        forgotten += batch
+        if batch < PRUNE_BATCH:
+            break
+        await asyncio.sleep(0)
+    if deleted or forgotten:
+        log.info("journal.pruned", events=deleted, dedupe_keys=forgotten, retention_s=retention_s)
 
 
 def _start_watchdog(notifier: Notifier) -> asyncio.Task[None] | None:

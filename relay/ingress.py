@@ -12,6 +12,7 @@ gets a 4xx with a one-line reason and an `event.rejected` log line.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
 import ssl
 import time
@@ -28,6 +29,7 @@ from relay import ids, logs
 from relay.journal import Journal, JournalError, NewDelivery, NewEvent
 from relay.model import Address, Config, SourceConfig
 from relay.rules import BodyError, RouteSet, request_document
+from relay.signing import Verdict, verify
 
 log = logs.get_logger()
 
@@ -71,13 +73,24 @@ class Routing:
 
 
 class Rejected(Exception):
-    """A request answered with a 4xx (or 503); `reason` is the one-line explanation."""
+    """A request answered with a 4xx (or 503).
 
-    def __init__(self, status: int, reason: str, headers: Mapping[str, str] | None = None) -> None:
+    `reason` is the one-line explanation for the log; `public` what the sender is told
+    (the reason itself unless that would help an attacker, as for a bad signature).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        headers: Mapping[str, str] | None = None,
+        public: str | None = None,
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.headers = dict(headers or {})
+        self.public = public or reason
 
 
 def _json(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -119,7 +132,7 @@ class Inbound:
                 remote=request.remote,
                 path=request.path,
             )
-            response = _json(rejected.status, {"error": rejected.reason}, rejected.headers)
+            response = _json(rejected.status, {"error": rejected.public}, rejected.headers)
             if rejected.status in (408, 413):
                 response.force_close()  # the rest of the body is not worth reading
             return response
@@ -127,9 +140,13 @@ class Inbound:
     async def _accept(
         self, request: web.BaseRequest, routing: Routing, source: SourceConfig, started: float
     ) -> web.StreamResponse:
+        check_peer(request, source)
+        if source.challenge == "meta" and request.method == "GET":
+            return meta_handshake(request, source)
         check_request(request, source)
         body = await read_body(request, source.max_body_bytes, routing.config.server.read_timeout_s)
         received_ms = time.time_ns() // 1_000_000
+        verdict = check_signature(request, source, body, received_ms / 1000)
         event_id = ids.event_id(received_ms)
         headers = list(request.headers.items())
         try:
@@ -146,6 +163,9 @@ class Inbound:
             )
         except BodyError as error:
             raise Rejected(error.status, str(error)) from None
+        if source.challenge == "slack" and is_slack_challenge(document):
+            log.info("event.handshake", source=source.name, provider="slack")
+            return _json(200, {"challenge": document["body"]["challenge"]})
         route_set = routing.routes[source.name]
         decisions = route_set.decide(document)
         deliveries = [
@@ -154,6 +174,7 @@ class Inbound:
             if decision.matched
             for target in route.targets
         ]
+        key = dedupe_key(source, verdict, document)
         event = NewEvent(
             id=event_id,
             source=source.name,
@@ -165,16 +186,13 @@ class Inbound:
             body=body,
             routes=[{"name": d.name, "matched": d.matched, "error": d.error} for d in decisions],
             deliveries=deliveries,
+            dedupe_key=key,
+            dedupe_window_ms=int(source.dedupe.window_s * 1000) if source.dedupe else 0,
         )
-        try:
-            await self._journal.append(event)
-        except JournalError as error:
-            log.error("journal.write_failed", error=str(error), event_id=event_id)
-            raise Rejected(
-                503,
-                "journal unavailable, try again later",
-                {"Retry-After": str(JOURNAL_RETRY_AFTER_S)},
-            ) from None
+        original = await self._append(event)
+        if original is not None:
+            log.info("event.duplicate", event_id=original, source=source.name, dedupe_key=key)
+            return _json(200, {"id": original, "duplicate": True})
         if deliveries:
             self._on_accepted(sorted({d.target for d in deliveries}))
         log.info(
@@ -188,17 +206,90 @@ class Inbound:
         )
         return _json(source.ack_status, {"id": event_id, "deliveries": len(deliveries)})
 
+    async def _append(self, event: NewEvent) -> str | None:
+        """Commit the event; the original's id when it is a duplicate. 503 when the disk fails."""
+        try:
+            return await self._journal.append(event)
+        except JournalError as error:
+            log.error("journal.write_failed", error=str(error), event_id=event.id)
+            raise Rejected(
+                503,
+                "journal unavailable, try again later",
+                {"Retry-After": str(JOURNAL_RETRY_AFTER_S)},
+            ) from None
+
+
+def check_signature(
+    request: web.BaseRequest, source: SourceConfig, body: bytes, now_s: float
+) -> Verdict | None:
+    """401 unless the request carries the source's signature (None: the source has no verify)."""
+    if source.verify is None:
+        return None
+    verdict = verify(source.verify, request.headers, body, now_s)
+    if not verdict.ok:
+        raise Rejected(
+            401, f"verify {source.verify.scheme}: {verdict.reason}", public="unauthorized"
+        )
+    return verdict
+
+
+def dedupe_key(
+    source: SourceConfig, verdict: Verdict | None, document: Mapping[str, Any]
+) -> str | None:
+    """What identifies a repeat of this event (SPEC §2 `dedupe`), or None when nothing does."""
+    if source.dedupe is None:
+        return None
+    if source.dedupe.key is not None:
+        try:
+            value = source.dedupe.key.search(document)
+        except Exception:  # noqa: BLE001 - a key that cannot be computed means no dedupe
+            return None
+    elif source.verify is not None and source.verify.scheme in ("stripe", "slack"):
+        body = document.get("body")
+        field_name = "id" if source.verify.scheme == "stripe" else "event_id"
+        value = body.get(field_name) if isinstance(body, dict) else None
+    else:
+        value = verdict.delivery_id if verdict is not None else None
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+def is_slack_challenge(document: Mapping[str, Any]) -> bool:
+    body = document.get("body")
+    return (
+        isinstance(body, dict)
+        and body.get("type") == "url_verification"
+        and isinstance(body.get("challenge"), str)
+    )
+
+
+def meta_handshake(request: web.BaseRequest, source: SourceConfig) -> web.StreamResponse:
+    """Meta's subscription GET: echo hub.challenge when hub.verify_token is the source secret."""
+    query = request.query
+    token = query.get("hub.verify_token", "").encode("utf-8", "surrogateescape")
+    secrets = source.verify.secrets if source.verify else ()
+    known = any(hmac.compare_digest(token, s.encode()) for s in secrets)
+    if query.get("hub.mode") != "subscribe" or not known or "hub.challenge" not in query:
+        raise Rejected(403, "meta handshake: wrong mode or verify_token", public="forbidden")
+    log.info("event.handshake", source=source.name, provider="meta")
+    return web.Response(status=200, text=query["hub.challenge"], content_type="text/plain")
+
+
+def check_peer(request: web.BaseRequest, source: SourceConfig) -> None:
+    """403 unless the peer address is in the source's `allow_from` (when it has one)."""
+    if source.allow_from and not _peer_allowed(request.remote, source):
+        raise Rejected(403, "source address not allowed")
+
 
 def check_request(request: web.BaseRequest, source: SourceConfig) -> None:
-    """Method, peer address and declared length, before any of the body is read."""
+    """Method and declared length, before any of the body is read."""
     if request.method not in source.methods:
         raise Rejected(
             405,
             f"method {request.method} not allowed at {request.path}",
             {"Allow": ", ".join(source.methods)},
         )
-    if source.allow_from and not _peer_allowed(request.remote, source):
-        raise Rejected(403, "source address not allowed")
     declared = request.content_length
     if declared is not None and declared > source.max_body_bytes:
         raise Rejected(413, f"body of {declared} bytes exceeds max_body {source.max_body_bytes}")

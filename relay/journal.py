@@ -68,6 +68,14 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_due
     ON deliveries (target, next_at_ms, id) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id);
+CREATE TABLE IF NOT EXISTS dedupe (
+    source        TEXT NOT NULL,
+    key           TEXT NOT NULL,         -- the provider's delivery id, or the dedupe.key value
+    event_id      TEXT NOT NULL,         -- the first event with this key
+    expires_at_ms INTEGER NOT NULL,      -- end of the dedupe window
+    PRIMARY KEY (source, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedupe_expiry ON dedupe (expires_at_ms);
 CREATE TABLE IF NOT EXISTS attempts (
     delivery_id   TEXT NOT NULL,
     n             INTEGER NOT NULL,      -- 1, 2, ... (X-Relay-Attempt)
@@ -109,6 +117,7 @@ class NewEvent:
     routes: Sequence[dict[str, Any]]
     deliveries: Sequence[NewDelivery]
     dedupe_key: str | None = None
+    dedupe_window_ms: int = 0
 
     @property
     def status(self) -> EventStatus:
@@ -291,8 +300,27 @@ def _create_schema(conn: sqlite3.Connection) -> None:
 # ---------------------------------------------------------------- write statements
 
 
+def _first_of_key(conn: sqlite3.Connection, event: NewEvent) -> str | None:
+    """Within the dedupe window, the id of the event that first had this key; else claim it."""
+    row = conn.execute(
+        "SELECT event_id, expires_at_ms FROM dedupe WHERE source = ? AND key = ?",
+        (event.source, event.dedupe_key),
+    ).fetchone()
+    if row is not None and row[1] > event.received_at_ms:
+        return str(row[0])
+    conn.execute(
+        "INSERT OR REPLACE INTO dedupe (source, key, event_id, expires_at_ms) VALUES (?,?,?,?)",
+        (event.source, event.dedupe_key, event.id, event.received_at_ms + event.dedupe_window_ms),
+    )
+    return None
+
+
 def _append(event: NewEvent) -> WriteFn:
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: sqlite3.Connection) -> str | None:
+        if event.dedupe_key is not None:
+            original = _first_of_key(conn, event)
+            if original is not None:
+                return original
         conn.execute(
             "INSERT INTO events (id, source, received_at_ms, method, path, query, headers,"
             " body, status, dedupe_key, routes) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -327,6 +355,7 @@ def _append(event: NewEvent) -> WriteFn:
                     for d in event.deliveries
                 ],
             )
+        return None
 
     return write
 
@@ -422,6 +451,17 @@ def _probe(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probed_at_ms', ?)", (now_ms(),))
 
 
+def _forget_keys(now_ms: int, limit: int) -> WriteFn:
+    def write(conn: sqlite3.Connection) -> int:
+        return conn.execute(
+            "DELETE FROM dedupe WHERE (source, key) IN"
+            " (SELECT source, key FROM dedupe WHERE expires_at_ms <= ? LIMIT ?)",
+            (now_ms, limit),
+        ).rowcount
+
+    return write
+
+
 def _checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
     row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     return (int(row[0]), int(row[1]), int(row[2]))
@@ -451,9 +491,14 @@ class Journal:
         # Shielded: a cancelled waiter (client gone) must not look like a failed write.
         return await asyncio.shield(self._writer.submit(fn, alone=alone))
 
-    async def append(self, event: NewEvent) -> None:
-        """Commit the event and its deliveries in one transaction (group-committed)."""
-        await self._write(_append(event))
+    async def append(self, event: NewEvent) -> str | None:
+        """Commit the event and its deliveries in one transaction (group-committed).
+
+        With a `dedupe_key` seen within its window, nothing is written and the id of the
+        first event with that key is returned instead.
+        """
+        original: str | None = await self._write(_append(event))
+        return original
 
     async def record(self, record: AttemptRecord) -> None:
         """Commit an attempt and the delivery's new state (group-committed)."""
@@ -466,6 +511,10 @@ class Journal:
     async def prune(self, before_ms: int, limit: int = 500) -> int:
         """Delete up to `limit` finished events received before `before_ms`; how many."""
         return int(await self._write(_prune(before_ms, limit)))
+
+    async def forget_keys(self, now_ms: int, limit: int = 500) -> int:
+        """Delete up to `limit` dedupe keys whose window ended; how many."""
+        return int(await self._write(_forget_keys(now_ms, limit)))
 
     async def probe(self) -> bool:
         """Try a tiny write, so that a journal that failed can report itself healthy again."""

@@ -1,0 +1,215 @@
+"""End-to-end inbound security: provider-library signatures, dedupe, handshakes."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+import orjson
+import slack_sdk.signature
+import stripe
+import svix.webhooks
+
+from conftest import CORPUS, Daemon, Receiver, eventually, server_toml
+
+DaemonFactory = Callable[..., Awaitable[Daemon]]
+ReceiverFactory = Callable[[], Awaitable[Receiver]]
+
+GITHUB_SECRET = "gh-secret-for-tests"
+STRIPE_SECRET = "whsec_stripe_test_secret"
+SLACK_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
+STANDARD_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+META_TOKEN = "meta-verify-token"
+
+
+def config(tmp_path: Path, url: str, **github: str) -> str:
+    extra = "".join(f"{key} = {value}\n" for key, value in github.items())
+    return (
+        server_toml(tmp_path)
+        + f"""
+[sources.github]
+verify = {{ scheme = "github", secret = ["old-rotated-secret", "{GITHUB_SECRET}"] }}
+{extra}
+[sources.stripe]
+verify = {{ scheme = "stripe", secret = "{STRIPE_SECRET}" }}
+dedupe = "1h"
+[sources.slack]
+verify = {{ scheme = "slack", secret = "{SLACK_SECRET}" }}
+challenge = "slack"
+[sources.svix]
+verify = {{ scheme = "standard", secret = "{STANDARD_SECRET}" }}
+[sources.meta]
+verify = {{ scheme = "token", header = "X-Token", secret = "{META_TOKEN}" }}
+challenge = "meta"
+[targets.svc]
+url = "{url}"
+[[routes]]
+name = "all-github"
+source = "github"
+targets = ["svc"]
+[[routes]]
+name = "all-stripe"
+source = "stripe"
+targets = ["svc"]
+[[routes]]
+name = "all-slack"
+source = "slack"
+targets = ["svc"]
+[[routes]]
+name = "all-svix"
+source = "svix"
+targets = ["svc"]
+"""
+    )
+
+
+def github_headers(body: bytes, delivery: str, secret: str = GITHUB_SECRET) -> dict[str, str]:
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return {
+        "X-Hub-Signature-256": f"sha256={digest}",
+        "X-GitHub-Delivery": delivery,
+        "X-GitHub-Event": "push",
+    }
+
+
+async def test_github_signature_checked_on_the_raw_body(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A correctly signed real payload is accepted; tampered or unsigned ones get a bare 401."""
+    svc = await receivers()
+    daemon = await daemons(config(tmp_path, svc.url))
+    body = (CORPUS / "push.json").read_bytes()
+    status, reply, _ = await daemon.post("/hooks/github", body, github_headers(body, "d-1"))
+    assert status == 202
+    tampered = body.replace(b"Codertocat", b"Codertocas", 1)
+    status, reply, _ = await daemon.post("/hooks/github", tampered, github_headers(body, "d-2"))
+    assert (status, reply) == (401, {"error": "unauthorized"})
+    rejected = daemon.find("event.rejected", status=401)
+    assert rejected is not None
+    assert rejected["reason"] == "verify github: signature mismatch"
+    status, _, _ = await daemon.post("/hooks/github", body, {"X-GitHub-Event": "push"})
+    assert status == 401
+    assert daemon.find("event.rejected", reason="verify github: missing X-Hub-Signature-256")
+    bad = github_headers(body, "d-3", secret="wrong")
+    bad["X-Hub-Signature-256"] = "sha256=é" + bad["X-Hub-Signature-256"][8:]
+    status, _, _ = await daemon.post("/hooks/github", body, bad)
+    assert status == 401
+    await eventually(lambda: len(svc.requests) == 1)
+    assert svc.requests[0].body == body
+    assert daemon.query("SELECT count(*) FROM events") == [(1,)]
+    assert not any("gh-secret-for-tests" in str(line) for line in daemon.lines)
+
+
+async def test_stripe_slack_and_standard_signatures_from_their_libraries(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Requests signed by stripe, slack_sdk and svix are accepted; a stale Stripe one is not."""
+    svc = await receivers()
+    daemon = await daemons(config(tmp_path, svc.url))
+    now = int(time.time())
+    stripe_body = orjson.dumps({"id": "evt_stripe_1", "type": "invoice.paid"})
+    header = stripe.WebhookSignature.generate_signature_header(
+        stripe_body.decode(), STRIPE_SECRET, now
+    )
+    assert (await daemon.post("/hooks/stripe", stripe_body, {"Stripe-Signature": header}))[0] == 202
+    stale = stripe.WebhookSignature.generate_signature_header(
+        stripe_body.decode(), STRIPE_SECRET, now - 600
+    )
+    assert (await daemon.post("/hooks/stripe", stripe_body, {"Stripe-Signature": stale}))[0] == 401
+
+    slack_body = b'{"type": "event_callback", "event_id": "Ev1"}'
+    signature = slack_sdk.signature.SignatureVerifier(SLACK_SECRET).generate_signature(
+        timestamp=str(now), body=slack_body.decode()
+    )
+    slack_headers = {"X-Slack-Signature": signature, "X-Slack-Request-Timestamp": str(now)}
+    assert (await daemon.post("/hooks/slack", slack_body, slack_headers))[0] == 202
+
+    svix_body = b'{"type": "user.created"}'
+    signed = svix.webhooks.Webhook(STANDARD_SECRET).sign(
+        "msg_1", datetime.fromtimestamp(now, UTC), svix_body.decode()
+    )
+    standard_headers = {
+        "webhook-id": "msg_1",
+        "webhook-timestamp": str(now),
+        "webhook-signature": signed,
+    }
+    assert (await daemon.post("/hooks/svix", svix_body, standard_headers))[0] == 202
+    future = {**standard_headers, "webhook-timestamp": str(now + 3600)}
+    assert (await daemon.post("/hooks/svix", svix_body, future))[0] == 401
+    await eventually(lambda: len(svc.requests) == 3)
+
+
+async def test_repeats_are_answered_as_duplicates_across_a_restart(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A provider's retry of a delivery it never saw acknowledged creates no second delivery."""
+    svc = await receivers()
+    daemon = await daemons(config(tmp_path, svc.url, dedupe='"24h"'))
+    body = b'{"ref": "refs/heads/main"}'
+    status, first, _ = await daemon.post("/hooks/github", body, github_headers(body, "gh-42"))
+    assert (status, first["deliveries"]) == (202, 1)
+    status, again, _ = await daemon.post("/hooks/github", body, github_headers(body, "gh-42"))
+    assert (status, again) == (200, {"id": first["id"], "duplicate": True})
+    duplicate = daemon.find("event.duplicate")
+    assert duplicate is not None
+    assert (duplicate["event_id"], duplicate["dedupe_key"]) == (first["id"], "gh-42")
+    await daemon.stop()
+    await daemon.start()
+    status, after_restart, _ = await daemon.post(
+        "/hooks/github", body, github_headers(body, "gh-42")
+    )
+    assert (status, after_restart["id"]) == (200, first["id"])
+    status, other, _ = await daemon.post("/hooks/github", body, github_headers(body, "gh-43"))
+    assert (status, other["deliveries"]) == (202, 1)
+    await eventually(lambda: len(svc.requests) == 2)
+    assert daemon.query("SELECT count(*) FROM events") == [(2,)]
+
+
+async def test_stripe_dedupes_on_the_event_id_in_the_body(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Stripe's retries carry the same body.id with a fresh signature: still one delivery."""
+    svc = await receivers()
+    daemon = await daemons(config(tmp_path, svc.url))
+    body = orjson.dumps({"id": "evt_same", "type": "charge.refunded"})
+    replies = []
+    for offset in (0, 1):
+        header = stripe.WebhookSignature.generate_signature_header(
+            body.decode(), STRIPE_SECRET, int(time.time()) - offset
+        )
+        replies.append(await daemon.post("/hooks/stripe", body, {"Stripe-Signature": header}))
+    assert [status for status, _, _ in replies] == [202, 200]
+    assert replies[1][1] == {"id": replies[0][1]["id"], "duplicate": True}
+
+
+async def test_provider_handshakes_are_answered_and_not_journaled(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Slack's url_verification and Meta's hub.challenge get their answers; nothing is stored."""
+    svc = await receivers()
+    daemon = await daemons(config(tmp_path, svc.url))
+    now = str(int(time.time()))
+    body = b'{"type": "url_verification", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P", "token": "x"}'  # noqa: E501 - Slack's documented example
+    signature = slack_sdk.signature.SignatureVerifier(SLACK_SECRET).generate_signature(
+        timestamp=now, body=body.decode()
+    )
+    status, reply, _ = await daemon.post(
+        "/hooks/slack", body, {"X-Slack-Signature": signature, "X-Slack-Request-Timestamp": now}
+    )
+    assert (status, reply) == (
+        200,
+        {"challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"},
+    )
+    query = {"hub.mode": "subscribe", "hub.verify_token": META_TOKEN, "hub.challenge": "1158201444"}
+    async with aiohttp.ClientSession() as session:
+        async with session.get(daemon.url("/hooks/meta"), params=query) as response:
+            assert (response.status, await response.text()) == (200, "1158201444")
+        wrong = {**query, "hub.verify_token": "guess"}
+        async with session.get(daemon.url("/hooks/meta"), params=wrong) as response:
+            assert response.status == 403
+    assert daemon.query("SELECT count(*) FROM events") == [(0,)]
