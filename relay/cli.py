@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
 import time
+import urllib.error
+import urllib.request
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ from relay.dryrun import DryRun, dry_run
 from relay.logs import is_sensitive_header
 from relay.model import Config
 from relay.rules import BodyError
+from relay.signing import provider_headers
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -73,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument(
         "--show-secrets", action="store_true", help="print credential headers unmasked"
     )
+    send = with_config("send", "send a webhook to the running daemon, signed like the provider")
+    send.add_argument("source", help="the source to send to")
+    body_of_send = send.add_mutually_exclusive_group()
+    body_of_send.add_argument("--file", type=Path, help="read the body from this file")
+    body_of_send.add_argument("--data", help="the body, inline")
+    send.add_argument(
+        "-H", "--header", action="append", default=[], metavar="'K: V'", help="a request header"
+    )
+    send.add_argument(
+        "--insecure", action="store_true", help="with TLS: do not check the daemon's certificate"
+    )
     init = commands.add_parser("init", help="write a starter config with fresh secrets")
     init.add_argument("file", type=Path, nargs="?", default=Path("relay.toml"))
     return parser
@@ -86,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": cmd_config,
         "init": cmd_init,
         "test": cmd_test,
+        "send": cmd_send,
     }
     try:
         return handler[args.command](args)
@@ -194,15 +211,10 @@ def cmd_test(args: argparse.Namespace) -> int:
     if args.source not in config.sources:
         known = ", ".join(config.sources) or "none"
         return _fail(f'unknown source "{args.source}" (known: {known})', EXIT_USAGE)
-    headers = _parse_headers(args.header)
-    if headers is None:
-        return _fail("a header must look like 'Name: value'", EXIT_USAGE)
-    if not any(name.lower() == "content-type" for name, _ in headers):
-        headers.append(("Content-Type", "application/json"))
-    try:
-        body = args.file.read_bytes() if args.file else (args.data or "").encode()
-    except OSError as error:
-        return _fail(f"cannot read {args.file}: {error}", EXIT_FAILURE)
+    parts = _request_parts(args)
+    if isinstance(parts, int):
+        return parts
+    body, headers = parts
     try:
         result = dry_run(config, args.source, body, headers, time.time_ns() // 1_000_000)
     except BodyError as error:
@@ -258,3 +270,57 @@ def _print_dry_run(result: DryRun, show_secrets: bool) -> None:
             print(f"  {name}: {value}")
         print()
         print("  " + r.body.decode("utf-8", errors="replace").replace("\n", "\n  "))
+
+
+def _request_parts(args: argparse.Namespace) -> tuple[bytes, list[tuple[str, str]]] | int:
+    """The body and headers of `relay test`/`relay send`, or an exit code after a message."""
+    headers = _parse_headers(args.header)
+    if headers is None:
+        return _fail("a header must look like 'Name: value'", EXIT_USAGE)
+    if not any(name.lower() == "content-type" for name, _ in headers):
+        headers.append(("Content-Type", "application/json"))
+    try:
+        body = args.file.read_bytes() if args.file else (args.data or "").encode()
+    except OSError as error:
+        return _fail(f"cannot read {args.file}: {error}", EXIT_FAILURE)
+    return body, headers
+
+
+def _listener_url(config: Config, path: str) -> str:
+    address = config.server.listen
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)  # noqa: S104 - mapping, not binding
+    host = f"[{host}]" if ":" in host else host
+    scheme = "https" if config.server.tls_cert else "http"
+    return f"{scheme}://{host}:{address.port}{path}"
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if isinstance(config, int):
+        return config
+    source = config.sources.get(args.source)
+    if source is None:
+        known = ", ".join(config.sources) or "none"
+        return _fail(f'unknown source "{args.source}" (known: {known})', EXIT_USAGE)
+    parts = _request_parts(args)
+    if isinstance(parts, int):
+        return parts
+    body, headers = parts
+    if source.verify is not None:
+        signed = provider_headers(source.verify, body, time.time(), f"relay-send-{uuid.uuid4()}")
+        headers += list(signed.items())
+    request = urllib.request.Request(  # noqa: S310 - the URL is the daemon's own listener
+        _listener_url(config, source.path), data=body, headers=dict(headers),
+        method=source.methods[0],
+    )  # fmt: skip
+    context = ssl._create_unverified_context() if args.insecure else None  # noqa: S323 - asked for
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:  # noqa: S310
+            status, text = response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        status, text = error.code, error.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        return _fail(f"daemon unreachable at {request.full_url}: {reason}", EXIT_UNAVAILABLE)
+    print(f"{status} {text}")
+    return EXIT_OK if 200 <= status < 300 else EXIT_FAILURE

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -11,11 +14,13 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 import slack_sdk.signature
 import stripe
 import svix.webhooks
+import trustme
 
-from conftest import CORPUS, Daemon, Receiver, eventually, server_toml
+from conftest import CORPUS, REPO, Daemon, Receiver, eventually, free_port, server_toml
 
 DaemonFactory = Callable[..., Awaitable[Daemon]]
 ReceiverFactory = Callable[[], Awaitable[Receiver]]
@@ -27,10 +32,10 @@ STANDARD_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 META_TOKEN = "meta-verify-token"
 
 
-def config(tmp_path: Path, url: str, **github: str) -> str:
+def config(tmp_path: Path, url: str, listen_port: int = 0, **github: str) -> str:
     extra = "".join(f"{key} = {value}\n" for key, value in github.items())
     return (
-        server_toml(tmp_path)
+        server_toml(tmp_path, listen_port=listen_port)
         + f"""
 [sources.github]
 verify = {{ scheme = "github", secret = ["old-rotated-secret", "{GITHUB_SECRET}"] }}
@@ -213,3 +218,72 @@ async def test_provider_handshakes_are_answered_and_not_journaled(
         async with session.get(daemon.url("/hooks/meta"), params=wrong) as response:
             assert response.status == 403
     assert daemon.query("SELECT count(*) FROM events") == [(0,)]
+
+
+async def relay_command(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_relay_send_signs_like_the_provider(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """`relay send` signs as GitHub, Stripe, Slack or Svix would, and the daemon accepts it."""
+    svc = await receivers()
+    daemon = await daemons(config(tmp_path, svc.url, listen_port=free_port()))
+    for source in ("github", "stripe", "slack", "svix"):
+        code, out, err = await relay_command(
+            "send", source, "-c", str(daemon.config_path), "--data", f'{{"id": "x-{source}"}}',
+            "-H", "X-GitHub-Event: ping",
+        )  # fmt: skip
+        assert (code, err) == (0, ""), (source, out)
+        status, reply = out.split(" ", 1)
+        assert status == "202"
+        assert orjson.loads(reply)["deliveries"] == 1
+    await eventually(lambda: len(svc.requests) == 4)
+    assert {r.headers["X-Relay-Source"] for r in svc.requests} == {
+        "github", "stripe", "slack", "svix",
+    }  # fmt: skip
+    await daemon.stop()
+    code, _, err = await relay_command("send", "github", "-c", str(daemon.config_path))
+    assert code == 69
+    assert err.startswith("relay: daemon unreachable at http://127.0.0.1:")
+
+
+async def test_tls_listener_serves_https(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """With tls_cert and tls_key the listener speaks HTTPS with that certificate."""
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1", "localhost")
+    certificate.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    certificate.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    svc = await receivers()
+    text = config(tmp_path, svc.url, listen_port=free_port()).replace(
+        "[server]",
+        f'[server]\ntls_cert = "{tmp_path / "server.pem"}"\ntls_key = "{tmp_path / "server.key"}"',
+    )
+    daemon = await daemons(text)
+    client_context = ssl.create_default_context()
+    authority.configure_trust(client_context)
+    body = b'{"secure": true}'
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"https://{daemon.listen}/hooks/github", data=body,
+            headers={**github_headers(body, "tls-1"), "Content-Type": "application/json"},
+            ssl=client_context,
+        ) as response:  # fmt: skip
+            assert response.status == 202
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            await session.post(f"https://{daemon.listen}/hooks/github", data=body)
+    code, out, _ = await relay_command(
+        "send", "github", "-c", str(daemon.config_path), "--insecure", "--data", "{}"
+    )
+    assert code == 0
+    assert out.startswith("202 ")
+    await eventually(lambda: len(svc.requests) == 2)
