@@ -287,3 +287,72 @@ async def test_tls_listener_serves_https(
     assert code == 0
     assert out.startswith("202 ")
     await eventually(lambda: len(svc.requests) == 2)
+
+
+async def test_allow_from_checks_the_peer_over_ipv4_and_ipv6(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """Only peers inside allow_from may post (IPv4 and IPv6 alike); others get a 403."""
+    daemon = await daemons(
+        server_toml(tmp_path).replace('listen = "127.0.0.1:0"', 'listen = "[::1]:0"')
+        + """
+[sources.v6]
+allow_from = ["::1/128"]
+[sources.v4only]
+allow_from = ["127.0.0.0/8", "192.0.2.0/24"]
+[sources.elsewhere]
+allow_from = ["2001:db8::/32"]
+"""
+    )
+    assert daemon.listen.startswith("[::1]:")
+    assert (await daemon.post("/hooks/v6", b"{}"))[0] == 202
+    status, reply, _ = await daemon.post("/hooks/v4only", b"{}")
+    assert (status, reply) == (403, {"error": "source address not allowed"})
+    assert (await daemon.post("/hooks/elsewhere", b"{}"))[0] == 403
+    assert daemon.find("event.rejected", status=403, remote="::1") is not None
+
+
+async def test_a_client_that_hangs_up_does_not_abort_the_journal_write(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A sender that disconnects right after its body still gets its event kept and delivered."""
+    svc = await receivers()
+    daemon = await daemons(
+        server_toml(tmp_path)
+        + f"""
+[sources.app]
+[targets.svc]
+url = "{svc.url}"
+[[routes]]
+name = "r"
+source = "app"
+targets = ["svc"]
+"""
+    )
+    host, port = daemon.listen.rsplit(":", 1)
+    for n in range(20):
+        _, writer = await asyncio.open_connection(host, int(port))
+        body = orjson.dumps({"n": n})
+        writer.write(
+            b"POST /hooks/app HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        writer.transport.abort()  # gone before any answer
+    await eventually(lambda: len(svc.requests) == 20)
+    assert sorted(orjson.loads(r.body)["n"] for r in svc.requests) == list(range(20))
+
+
+async def test_oversized_headers_get_a_4xx(tmp_path: Path, daemons: DaemonFactory) -> None:
+    """A header line beyond 8 KiB, or too many headers, is refused with a 4xx."""
+    daemon = await daemons(server_toml(tmp_path) + "[sources.app]\n")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            daemon.url("/hooks/app"), data=b"{}", headers={"X-Big": "y" * 20_000}
+        ) as response:
+            assert 400 <= response.status < 500
+        many = {f"X-H{n}": "v" for n in range(200)}
+        async with session.post(daemon.url("/hooks/app"), data=b"{}", headers=many) as response:
+            assert 400 <= response.status < 500
+    assert await daemon.ready() == 200
