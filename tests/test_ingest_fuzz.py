@@ -31,6 +31,26 @@ CONTENT_TYPES = [
 ]
 
 
+SCHEME_SETTINGS = {
+    "github": 'scheme = "github", secret = "s3cret"',
+    "stripe": 'scheme = "stripe", secret = "whsec_s3cret"',
+    "slack": 'scheme = "slack", secret = "s3cret"',
+    "shopify": 'scheme = "shopify", secret = "s3cret"',
+    "standard": 'scheme = "standard", secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"',
+    "hmac": 'scheme = "hmac", secret = "s3cret", header = "X-Sig", prefix = "sha256="',
+    "token": 'scheme = "token", header = "X-Gitlab-Token", secret = "s3cret"',
+    "basic": 'scheme = "basic", username = "u", password = "p"',
+}
+SIGNATURE_HEADERS = [
+    "X-Hub-Signature-256", "Stripe-Signature", "X-Slack-Signature",
+    "X-Slack-Request-Timestamp", "X-Shopify-Hmac-Sha256", "webhook-id", "webhook-timestamp",
+    "webhook-signature", "X-Sig", "X-Gitlab-Token", "Authorization",
+]  # fmt: skip
+HEADER_VALUE = st.binary(max_size=120).map(
+    lambda raw: raw.replace(b"\r", b"").replace(b"\n", b"").replace(b"\0", b"").strip()
+)
+
+
 @dataclass
 class RunningDaemon:
     process: subprocess.Popen[bytes]
@@ -38,7 +58,7 @@ class RunningDaemon:
     port: int = 0
     lines: list[dict[str, object]] = field(default_factory=list)
 
-    def request(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> int:
+    def request(self, method: str, path: str, body: bytes, headers: dict[str, str | bytes]) -> int:
         connection = http.client.HTTPConnection(self.host, self.port, timeout=10)
         try:
             connection.request(method, path, body=body, headers=headers)
@@ -70,6 +90,10 @@ source = "app"
 transform = "{seen: body}"
 targets = ["console"]
 """
+        + "".join(
+            f"[sources.{scheme}]\nverify = {{ {settings} }}\n"
+            for scheme, settings in SCHEME_SETTINGS.items()
+        )
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "relay", "run", "-c", str(config)],
@@ -129,6 +153,23 @@ def test_any_json_document_is_accepted(daemon: RunningDaemon, document: object) 
     """Any well-formed JSON value is accepted, whatever the filters make of it."""
     body = json.dumps(document).encode()
     assert daemon.request("POST", "/hooks/app", body, {"Content-Type": "application/json"}) == 202
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    scheme=st.sampled_from(sorted(SCHEME_SETTINGS)),
+    headers=st.dictionaries(st.sampled_from(SIGNATURE_HEADERS), HEADER_VALUE, max_size=5),
+    body=st.binary(max_size=256),
+)
+def test_garbage_signature_headers_get_a_4xx_for_every_scheme(
+    daemon: RunningDaemon, scheme: str, headers: dict[str, bytes], body: bytes
+) -> None:
+    """Random signature headers (non-ASCII, control bytes, empty) are a 401, never a 5xx."""
+    sent: dict[str, str | bytes] = {**headers, "Content-Type": "application/json"}
+    status = daemon.request("POST", f"/hooks/{scheme}", body, sent)
+    assert 400 <= status < 500
 
 
 def test_the_daemon_is_still_ready_after_the_fuzzing(daemon: RunningDaemon) -> None:
