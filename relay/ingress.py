@@ -27,7 +27,8 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from relay import ids, logs
 from relay.journal import Journal, JournalError, NewDelivery, NewEvent
-from relay.model import Address, Config, SourceConfig
+from relay.model import Address, Config, Rate, SourceConfig
+from relay.policy import TokenBucket, retry_after_header
 from relay.rules import BodyError, RouteSet, request_document
 from relay.signing import Verdict, verify
 
@@ -114,6 +115,23 @@ class Inbound:
         self.routing = routing
         self._journal = journal
         self._on_accepted = on_accepted
+        self._buckets: dict[str, tuple[Rate, int | None, TokenBucket]] = {}
+
+    def check_rate(self, source: SourceConfig) -> None:
+        """429 with Retry-After when the source is over its `rate_limit` (token bucket)."""
+        if source.rate_limit is None:
+            return
+        held = self._buckets.get(source.name)
+        if held is None or held[:2] != (source.rate_limit, source.burst):  # new or reloaded
+            bucket = TokenBucket(source.rate_limit.per_second, source.burst)
+            held = self._buckets[source.name] = (source.rate_limit, source.burst, bucket)
+        wait_s = held[2].take(time.monotonic())
+        if wait_s > 0:
+            raise Rejected(
+                429,
+                f"over rate_limit {source.rate_limit.count}/{source.rate_limit.per_s:g}s",
+                {"Retry-After": retry_after_header(wait_s)},
+            )
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
@@ -141,6 +159,7 @@ class Inbound:
         self, request: web.BaseRequest, routing: Routing, source: SourceConfig, started: float
     ) -> web.StreamResponse:
         check_peer(request, source)
+        self.check_rate(source)
         if source.challenge == "meta" and request.method == "GET":
             return meta_handshake(request, source)
         check_request(request, source)

@@ -356,3 +356,33 @@ async def test_oversized_headers_get_a_4xx(tmp_path: Path, daemons: DaemonFactor
         async with session.post(daemon.url("/hooks/app"), data=b"{}", headers=many) as response:
             assert 400 <= response.status < 500
     assert await daemon.ready() == 200
+
+
+async def test_a_burst_over_the_rate_limit_gets_429s_and_the_rest_is_delivered(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Over rate_limit: 429 with Retry-After; every request that got a 202 is delivered."""
+    svc = await receivers()
+    daemon = await daemons(
+        server_toml(tmp_path)
+        + f"""
+[sources.app]
+rate_limit = "5/m"
+burst = 4
+[targets.svc]
+url = "{svc.url}"
+[[routes]]
+name = "r"
+source = "app"
+targets = ["svc"]
+"""
+    )
+    results = await asyncio.gather(*(daemon.post("/hooks/app", {"n": n}) for n in range(12)))
+    accepted = [reply["id"] for status, reply, _ in results if status == 202]
+    limited = [(reply, headers) for status, reply, headers in results if status == 429]
+    assert len(accepted) == 4
+    assert len(limited) == 8
+    for reply, headers in limited:
+        assert reply == {"error": "over rate_limit 5/60s"}
+        assert 1 <= int(headers["Retry-After"]) <= 12
+    await eventually(lambda: sorted(svc.event_ids()) == sorted(accepted))
