@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 from relay import ids
@@ -157,3 +158,20 @@ async def test_checkpoint_moves_the_wal_into_the_database(tmp_path: Path) -> Non
         assert wal_pages > 0
         assert done == wal_pages
     assert (tmp_path / "j.db").stat().st_size > 20 * 4000
+
+
+async def test_dedupe_keys_expire_and_are_forgotten(tmp_path: Path) -> None:
+    """A key repeats within its window only; expired keys are deleted by the pruner."""
+    async with open_journal(tmp_path / "j.db", "normal") as journal:
+
+        def keyed(at_ms: int) -> NewEvent:
+            event = new_event(at_ms)
+            return replace(event, dedupe_key="k1", dedupe_window_ms=1000)
+
+        first = keyed(10_000)
+        assert await journal.append(first) is None
+        assert await journal.append(keyed(10_500)) == first.id
+        assert await journal.forget_keys(now_ms=10_999) == 0
+        assert await journal.forget_keys(now_ms=11_000) == 1
+        assert await journal.append(keyed(11_001)) is None
+        assert await journal.fetch("SELECT count(*) FROM events") == [(2,)]

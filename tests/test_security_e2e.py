@@ -386,3 +386,30 @@ targets = ["svc"]
         assert reply == {"error": "over rate_limit 5/60s"}
         assert 1 <= int(headers["Retry-After"]) <= 12
     await eventually(lambda: sorted(svc.event_ids()) == sorted(accepted))
+
+
+async def test_dedupe_on_a_key_expression(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """`dedupe = { key = "body.id" }` treats events with the same body.id as one."""
+    svc = await receivers()
+    daemon = await daemons(
+        server_toml(tmp_path)
+        + f"""
+[sources.app]
+dedupe = {{ key = "body.id", window = "1h" }}
+[targets.svc]
+url = "{svc.url}"
+[[routes]]
+name = "r"
+source = "app"
+targets = ["svc"]
+"""
+    )
+    first = await daemon.post("/hooks/app", {"id": 7, "v": 1})
+    repeat = await daemon.post("/hooks/app", {"id": 7, "v": 2})
+    other = await daemon.post("/hooks/app", {"id": 8})
+    no_key = [await daemon.post("/hooks/app", {"v": n}) for n in range(2)]
+    assert [r[0] for r in (first, repeat, other, *no_key)] == [202, 200, 202, 202, 202]
+    assert repeat[1] == {"id": first[1]["id"], "duplicate": True}
+    await eventually(lambda: len(svc.requests) == 4)
