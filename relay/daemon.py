@@ -31,6 +31,7 @@ from relay.ingress import (
 )
 from relay.journal import Journal, JournalError, open_journal
 from relay.model import Config
+from relay.netpolicy import NetworkPolicy
 from relay.notify import Notifier
 
 log = logs.get_logger()
@@ -63,7 +64,8 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -
     async with contextlib.AsyncExitStack() as stack:
         journal = await stack.enter_async_context(open_journal(server.journal, server.sync))
         health.journal = journal
-        deliverer = await stack.enter_async_context(open_deliverer(journal))
+        network = NetworkPolicy.from_server(server)
+        deliverer = await stack.enter_async_context(open_deliverer(journal, network))
         admin = await listen(
             admin_handler(health),
             server.admin,

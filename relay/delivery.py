@@ -27,6 +27,7 @@ import aiohttp
 from relay import logs, policy
 from relay.journal import AttemptRecord, DueDelivery, Journal, JournalError
 from relay.model import Config, RouteConfig, TargetConfig
+from relay.netpolicy import NetworkPolicy, PolicyRefused, check_url, connector
 from relay.outbound import (
     OutboundRequest,
     StoredRequest,
@@ -48,6 +49,7 @@ class AttemptResult:
     error: str | None
     response: bytes | None = None
     retry_after: str | None = None
+    refused: bool = False  # the outbound network policy refused the address: dead at once
 
     @property
     def failure(self) -> str:
@@ -68,9 +70,15 @@ async def read_limited(content: aiohttp.StreamReader, limit: int) -> bytes:
 
 
 async def send(
-    session: aiohttp.ClientSession, request: OutboundRequest, timeout_s: float
+    session: aiohttp.ClientSession,
+    request: OutboundRequest,
+    timeout_s: float,
+    network: NetworkPolicy,
 ) -> AttemptResult:
     """One HTTP attempt; never raises for network trouble, it returns it."""
+    refusal = check_url(request.url, network)  # IP literals never reach the resolver
+    if refusal is not None:
+        return AttemptResult(None, refusal, refused=True)
     try:
         async with session.request(
             request.method,
@@ -84,6 +92,10 @@ async def send(
             return AttemptResult(response.status, None, body, response.headers.get("Retry-After"))
     except TimeoutError:
         return AttemptResult(None, f"timeout after {timeout_s:g}s")
+    except aiohttp.ClientConnectorError as error:
+        if isinstance(error.os_error, PolicyRefused):
+            return AttemptResult(None, error.os_error.reason, refused=True)
+        return AttemptResult(None, f"{type(error).__name__}: {error}".strip().rstrip(":"))
     except (aiohttp.ClientError, OSError) as error:
         return AttemptResult(None, f"{type(error).__name__}: {error}".strip().rstrip(":"))
 
@@ -128,8 +140,12 @@ def stored_request(delivery: DueDelivery) -> StoredRequest:
     )
 
 
+PAUSED_SWEEP_S = 30.0  # while paused, how often max_age is enforced on the waiting backlog
+
+
 class Lane:
-    """One target's queue: a window of due deliveries, at most `concurrency` in flight."""
+    """One target's queue: a window of due deliveries, at most `concurrency` in flight,
+    starts spaced by `rate_limit`, and the pause (circuit breaker) in front of them all."""
 
     def __init__(
         self,
@@ -137,11 +153,13 @@ class Lane:
         settings: Callable[[], Settings],
         journal: Journal,
         session: aiohttp.ClientSession,
+        network: NetworkPolicy,
     ) -> None:
         self.target = target
         self._settings = settings
         self._journal = journal
         self._session = session
+        self._network = network
         self._window = max(16, 4 * target.concurrency)
         self._ready: deque[DueDelivery] = deque()
         self._held: set[str] = set()  # in the window, in flight, or outcome not yet committed
@@ -150,22 +168,45 @@ class Lane:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self.in_flight = 0
+        self.last_error: str | None = None
+        self.pause = policy.TargetPause(
+            target.pause_after, target.retry.first_s, target.retry.max_s
+        )
+        self._spacer = (
+            policy.StartSpacer(target.rate_limit.per_second) if target.rate_limit else None
+        )
 
     def wake(self) -> None:
         self._wake.set()
 
     async def run(self) -> None:
+        await self._restore_pause()
         while not self._stopping:
-            if not self._ready and not await self._refill():
+            if not await self._open() or (not self._ready and not await self._refill()):
                 continue
             await self._slots.acquire()
-            if self._stopping or not self._ready:
+            if self._spacer is not None:
+                await asyncio.sleep(self._spacer.reserve(time.monotonic()))
+            started_s = time.time()
+            if self._stopping or not self._ready or not self.pause.may_start(started_s):
                 self._slots.release()
                 continue
-            delivery = self._ready.popleft()
-            task = asyncio.create_task(self._attempt(delivery))
+            task = asyncio.create_task(self._attempt(self._ready.popleft(), started_s))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _open(self) -> bool:
+        """True when the target takes attempts; else wait (paused: cooldown, probing: result)."""
+        wait_s = self.pause.wait_s(time.time())
+        if wait_s == 0:
+            return True
+        self._wake.clear()
+        if wait_s is not None:  # paused: max_age still applies to what waits
+            await self._expire_waiting()
+            wait_s = min(wait_s, PAUSED_SWEEP_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), wait_s)
+        return False
 
     async def _refill(self) -> bool:
         """Load due deliveries; when none, wait for a wake-up or the next due time."""
@@ -182,40 +223,49 @@ class Lane:
             await asyncio.wait_for(self._wake.wait(), timeout_s)
         return False
 
-    async def _attempt(self, delivery: DueDelivery) -> None:
+    async def _attempt(self, delivery: DueDelivery, started_s: float) -> None:
         settings = self._settings()  # the config current at this attempt
         target = settings.config.targets.get(self.target.name, self.target)
         try:
-            reason = None
-            if policy.expired(
-                received_at_s=delivery.created_at_ms / 1000, now_s=time.time(), retry=target.retry
-            ):
-                reason = f"max_age {target.retry.max_age_s:g}s exceeded"
-            else:
-                try:
-                    request = build_request(
-                        target=target,
-                        route=settings.routes.get(delivery.route),
-                        source=settings.config.sources.get(delivery.source),
-                        request=stored_request(delivery),
-                        attempt=delivery.attempts + 1,
-                    )
-                except TransformError as error:
-                    reason = str(error)
-            if reason is not None:
+            request_or_reason = self._prepare(delivery, target, settings, started_s)
+            if isinstance(request_or_reason, str):
+                self.pause.abandon(started_s=started_s)
                 self._slots.release()
-                await self._give_up(delivery, target, reason)
+                await self._give_up(delivery, target, request_or_reason)
                 return
-            await self._send_and_record(delivery, target, request)
+            await self._send_and_record(delivery, target, request_or_reason, started_s)
         finally:
             self._held.discard(delivery.id)
             self._wake.set()  # a retry may now be the next one due
 
+    def _prepare(
+        self, delivery: DueDelivery, target: TargetConfig, settings: Settings, now_s: float
+    ) -> OutboundRequest | str:
+        """The request to send, or why the delivery is dead without an attempt."""
+        if policy.expired(
+            received_at_s=delivery.created_at_ms / 1000, now_s=now_s, retry=target.retry
+        ):
+            return f"max_age {target.retry.max_age_s:g}s exceeded"
+        try:
+            return build_request(
+                target=target,
+                route=settings.routes.get(delivery.route),
+                source=settings.config.sources.get(delivery.source),
+                request=stored_request(delivery),
+                attempt=delivery.attempts + 1,
+                now_s=now_s,
+            )
+        except TransformError as error:
+            return str(error)
+
     async def _send_and_record(
-        self, delivery: DueDelivery, target: TargetConfig, request: OutboundRequest
+        self,
+        delivery: DueDelivery,
+        target: TargetConfig,
+        request: OutboundRequest,
+        started_s: float,
     ) -> None:
         attempt = delivery.attempts + 1
-        started_ms = _now_ms()
         started = time.perf_counter()
         self.in_flight += 1
         try:
@@ -223,7 +273,7 @@ class Lane:
                 log_request(delivery, target.name, request)
                 result = AttemptResult(None, None)
             else:
-                result = await send(self._session, request, target.timeout_s)
+                result = await send(self._session, request, target.timeout_s, self._network)
         except Exception as error:  # a bug here must cost one attempt, not make a hot loop
             log.exception("delivery.internal_error", delivery_id=delivery.id, target=target.name)
             result = AttemptResult(None, f"internal error: {type(error).__name__}: {error}")
@@ -232,11 +282,12 @@ class Lane:
             self._slots.release()
         elapsed_ms = (time.perf_counter() - started) * 1000
         decided_at_s = time.time()
-        outcome = (
-            policy.Outcome.DELIVERED
-            if target.is_log and result.error is None
-            else policy.classify(result.status, target.retry_on)
-        )
+        if result.refused:
+            outcome = policy.Outcome.DEAD
+        elif target.is_log and result.error is None:
+            outcome = policy.Outcome.DELIVERED
+        else:
+            outcome = policy.classify(result.status, target.retry_on)
         step = policy.next_step(
             outcome=outcome,
             attempt=attempt,
@@ -245,12 +296,13 @@ class Lane:
             now_s=decided_at_s,
             jitter=random.random(),
             failure=result.failure,
+            retry_after_s=policy.retry_after_for(result.status, result.retry_after, decided_at_s),
         )
         record = AttemptRecord(
             delivery_id=delivery.id,
             event_id=delivery.event_id,
             n=attempt,
-            started_at_ms=started_ms,
+            started_at_ms=int(started_s * 1000),
             ms=round(elapsed_ms, 3),
             status=result.status,
             error=result.error,
@@ -259,6 +311,7 @@ class Lane:
             next_at_ms=int((step.next_at_s or 0) * 1000),
             reason=step.reason,
         )
+        await self._note_target_health(outcome, result, started_s)
         try:
             await self._journal.record(record)
         except JournalError as error:
@@ -266,6 +319,77 @@ class Lane:
             return  # still pending in the journal: it will be attempted again
         retry_in_s = (step.next_at_s or decided_at_s) - decided_at_s
         self._log_attempt(delivery, target, attempt, result, step, elapsed_ms, retry_in_s)
+
+    async def _note_target_health(
+        self, outcome: policy.Outcome, result: AttemptResult, started_s: float
+    ) -> None:
+        """Feed the pause state machine; log, persist and drain on a change."""
+        failed = policy.is_target_failure(outcome)
+        if failed:
+            self.last_error = result.failure
+        change = self.pause.record(not failed, time.time(), started_s=started_s)
+        if change is None:
+            return
+        name = self.target.name
+        if change.kind == "paused":
+            log.warning("target.paused", target=name, reason=result.failure, for_s=change.for_s)
+        else:
+            log.info(
+                "target.resumed", target=name, reason="an attempt succeeded", for_s=change.for_s
+            )
+        await self._save_pause()
+        if change.kind == "resumed":
+            await self._drain()
+
+    async def _drain(self) -> None:
+        """A target that comes back is drained at once, not on each delivery's own schedule."""
+        try:
+            while await self._journal.drain(self.target.name, _now_ms()) > 0:
+                pass
+        except JournalError as error:
+            log.error("journal.write_failed", error=str(error), target=self.target.name)
+        self._wake.set()
+
+    async def _save_pause(self) -> None:
+        failures, pauses, until_s = self.pause.snapshot()
+        until_ms = None if until_s is None else int(until_s * 1000)
+        try:
+            await self._journal.save_target(self.target.name, failures, pauses, until_ms)
+        except JournalError as error:
+            log.error("journal.write_failed", error=str(error), target=self.target.name)
+
+    async def _restore_pause(self) -> None:
+        saved = await self._journal.load_target(self.target.name)
+        if saved is None:
+            return
+        failures, pauses, until_ms = saved
+        self.pause = policy.TargetPause.restore(
+            self.target.pause_after,
+            self.target.retry.first_s,
+            self.target.retry.max_s,
+            (failures, pauses, None if until_ms is None else until_ms / 1000),
+            time.time(),
+        )
+        if self.pause.state != "open":
+            log.warning(
+                "target.paused", target=self.target.name, reason="paused before the restart",
+                for_s=round(self.pause.wait_s(time.time()) or 0.0, 3),
+            )  # fmt: skip
+
+    async def _expire_waiting(self) -> None:
+        """While paused, deliveries older than max_age still end dead."""
+        max_age_s = self.target.retry.max_age_s
+        cutoff_ms = _now_ms() - int(max_age_s * 1000)
+        reason = f"max_age {max_age_s:g}s exceeded while the target was paused"
+        try:
+            while expired := await self._journal.expire_older(self.target.name, cutoff_ms, reason):
+                for delivery_id, event_id in expired:
+                    log.error(
+                        "delivery.dead", delivery_id=delivery_id, event_id=event_id,
+                        target=self.target.name, reason=reason,
+                    )  # fmt: skip
+        except JournalError as error:
+            log.error("journal.write_failed", error=str(error), target=self.target.name)
 
     def _log_attempt(
         self,
@@ -337,9 +461,12 @@ def _now_ms() -> int:
 class Deliverer:
     """All lanes, and the HTTP client they share."""
 
-    def __init__(self, journal: Journal, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, journal: Journal, session: aiohttp.ClientSession, network: NetworkPolicy
+    ) -> None:
         self._journal = journal
         self._session = session
+        self._network = network
         self.settings: Settings | None = None
         self.lanes: dict[str, Lane] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
@@ -351,7 +478,7 @@ class Deliverer:
     def start(self, config: Config) -> None:
         self.settings = Settings.of(config)
         for name, target in config.targets.items():
-            lane = Lane(target, self._current, self._journal, self._session)
+            lane = Lane(target, self._current, self._journal, self._session, self._network)
             self.lanes[name] = lane
             self._runners[name] = asyncio.create_task(lane.run(), name=f"lane-{name}")
 
@@ -381,12 +508,16 @@ class Deliverer:
 
 
 @contextlib.asynccontextmanager
-async def open_deliverer(journal: Journal) -> AsyncIterator[Deliverer]:
-    """The deliverer and its ClientSession; the session is closed on exit."""
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, enable_cleanup_closed=True)
+async def open_deliverer(journal: Journal, network: NetworkPolicy) -> AsyncIterator[Deliverer]:
+    """The deliverer and its ClientSession; the session is closed on exit.
+
+    The connector resolves through the network policy and connects to the addresses it
+    checked; IP-literal URLs are checked by `send` (aiohttp skips the resolver for them).
+    """
+    policy_connector = connector(network, limit=0, ttl_dns_cache=60, enable_cleanup_closed=True)
     async with aiohttp.ClientSession(
-        connector=connector,
+        connector=policy_connector,
         auto_decompress=False,
         skip_auto_headers=("User-Agent",),
     ) as session:
-        yield Deliverer(journal, session)
+        yield Deliverer(journal, session, network)

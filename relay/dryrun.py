@@ -83,7 +83,12 @@ def dry_run(
             )
             try:
                 built = build_request(
-                    target=target, route=route, source=source, request=stored, attempt=1
+                    target=target,
+                    route=route,
+                    source=source,
+                    request=stored,
+                    attempt=1,
+                    now_s=received_at_ms / 1000,
                 )
             except TransformError as error:
                 requests.append(

@@ -29,7 +29,7 @@ from relay import ids, logs
 from relay.journal import Journal, JournalError, NewDelivery, NewEvent
 from relay.model import Address, Config, Rate, SourceConfig
 from relay.policy import TokenBucket, retry_after_header
-from relay.rules import BodyError, RouteSet, request_document
+from relay.rules import BodyError, RouteSet, order_key, request_document
 from relay.signing import Verdict, verify
 
 log = logs.get_logger()
@@ -187,8 +187,14 @@ class Inbound:
             return _json(200, {"challenge": document["body"]["challenge"]})
         route_set = routing.routes[source.name]
         decisions = route_set.decide(document)
+        targets = routing.config.targets
         deliveries = [
-            NewDelivery(ids.delivery_id(received_ms), route.name, target)
+            NewDelivery(
+                ids.delivery_id(received_ms),
+                route.name,
+                target,
+                order_key(targets[target], document),
+            )
             for route, decision in zip(route_set.routes, decisions, strict=True)
             if decision.matched
             for target in route.targets

@@ -63,11 +63,19 @@ CREATE TABLE IF NOT EXISTS deliveries (
     next_at_ms    INTEGER NOT NULL,      -- when a pending delivery is due
     created_at_ms INTEGER NOT NULL,      -- the event's arrival (for max_age)
     last_error    TEXT,                  -- the last failure; the reason when dead
-    order_key     TEXT
+    order_key     TEXT                   -- ordered targets: FIFO per value ('' for ordered = true)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due
     ON deliveries (target, next_at_ms, id) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id);
+CREATE INDEX IF NOT EXISTS deliveries_order
+    ON deliveries (target, order_key, id) WHERE status = 'pending' AND order_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS targets (
+    name            TEXT PRIMARY KEY,    -- a target's pause state, kept across restarts
+    failures        INTEGER NOT NULL,    -- consecutive failed attempts
+    pauses          INTEGER NOT NULL,    -- consecutive pauses (the cooldown grows with it)
+    paused_until_ms INTEGER              -- Unix ms when the next probe may go; NULL: open
+);
 CREATE TABLE IF NOT EXISTS dedupe (
     source        TEXT NOT NULL,
     key           TEXT NOT NULL,         -- the provider's delivery id, or the dedupe.key value
@@ -470,6 +478,55 @@ def _checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
 # ---------------------------------------------------------------- the interface
 
 
+# A delivery with an order_key may go only when it is the oldest pending one of its key
+# (FIFO per key; ordered = true uses one key for the whole target).
+_HEAD_OF_ITS_QUEUE = (
+    "(d.order_key IS NULL OR d.id = (SELECT min(h.id) FROM deliveries h"
+    " WHERE h.target = d.target AND h.order_key = d.order_key AND h.status = 'pending'))"
+)
+
+
+def _drain(target: str, now_ms: int, limit: int) -> WriteFn:
+    def write(conn: sqlite3.Connection) -> int:
+        return conn.execute(
+            "UPDATE deliveries SET next_at_ms = ? WHERE id IN (SELECT id FROM deliveries"
+            " WHERE target = ? AND status = 'pending' AND next_at_ms > ? LIMIT ?)",
+            (now_ms, target, now_ms, limit),
+        ).rowcount
+
+    return write
+
+
+def _expire_older(target: str, created_before_ms: int, reason: str, limit: int) -> WriteFn:
+    def write(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+        rows = conn.execute(
+            "SELECT id, event_id FROM deliveries WHERE target = ? AND status = 'pending'"
+            " AND created_at_ms < ? LIMIT ?",
+            (target, created_before_ms, limit),
+        ).fetchall()
+        conn.executemany(
+            "UPDATE deliveries SET status = 'dead', last_error = ? WHERE id = ?",
+            [(reason, row[0]) for row in rows],
+        )
+        stamp = now_ms()
+        for event_id in {row[1] for row in rows}:
+            conn.execute(_EVENT_STATUS_SQL, {"e": event_id, "now": stamp})
+        return [(str(row[0]), str(row[1])) for row in rows]
+
+    return write
+
+
+def _save_target(name: str, failures: int, pauses: int, paused_until_ms: int | None) -> WriteFn:
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT OR REPLACE INTO targets (name, failures, pauses, paused_until_ms)"
+            " VALUES (?,?,?,?)",
+            (name, failures, pauses, paused_until_ms),
+        )
+
+    return write
+
+
 class Journal:
     """The durable store; use `async with open_journal(...) as journal`."""
 
@@ -512,6 +569,36 @@ class Journal:
         """Delete up to `limit` finished events received before `before_ms`; how many."""
         return int(await self._write(_prune(before_ms, limit)))
 
+    async def drain(self, target: str, now_ms: int, limit: int = 5000) -> int:
+        """Make up to `limit` of `target`'s scheduled retries due now (a resumed target)."""
+        return int(await self._write(_drain(target, now_ms, limit)))
+
+    async def expire_older(
+        self, target: str, created_before_ms: int, reason: str, limit: int = 500
+    ) -> list[tuple[str, str]]:
+        """Make pending deliveries that arrived before the cutoff dead; (delivery, event) ids."""
+        expired: list[tuple[str, str]] = await self._write(
+            _expire_older(target, created_before_ms, reason, limit)
+        )
+        return expired
+
+    async def save_target(
+        self, name: str, failures: int, pauses: int, paused_until_ms: int | None
+    ) -> None:
+        """Keep a target's pause state so that a restart does not forget a pause."""
+        await self._write(_save_target(name, failures, pauses, paused_until_ms))
+
+    async def load_target(self, name: str) -> tuple[int, int, int | None] | None:
+        rows = list(
+            await self._reader.execute_fetchall(
+                "SELECT failures, pauses, paused_until_ms FROM targets WHERE name = ?", (name,)
+            )
+        )
+        if not rows:
+            return None
+        failures, pauses, until = rows[0]
+        return int(failures), int(pauses), None if until is None else int(until)
+
     async def forget_keys(self, now_ms: int, limit: int = 500) -> int:
         """Delete up to `limit` dedupe keys whose window ended; how many."""
         return int(await self._write(_forget_keys(now_ms, limit)))
@@ -538,7 +625,7 @@ class Journal:
             " e.source, e.method, e.path, e.query, e.headers, e.body"
             " FROM deliveries d JOIN events e ON e.id = d.event_id"
             " WHERE d.target = ? AND d.status = 'pending' AND d.next_at_ms <= ?"
-            f"{skip} ORDER BY d.next_at_ms, d.id LIMIT ?"
+            f"{skip} AND {_HEAD_OF_ITS_QUEUE} ORDER BY d.next_at_ms, d.id LIMIT ?"
         )
         rows = await self._reader.execute_fetchall(sql, (target, now_ms, *exclude, limit))
         return [
@@ -562,10 +649,10 @@ class Journal:
     async def next_due_ms(self, target: str, exclude: Collection[str] = ()) -> int | None:
         """When the next pending delivery of `target` (not in `exclude`) is due."""
         marks = ",".join("?" * len(exclude))
-        skip = f" AND id NOT IN ({marks})" if exclude else ""
+        skip = f" AND d.id NOT IN ({marks})" if exclude else ""
         sql = (
-            "SELECT next_at_ms FROM deliveries WHERE target = ? AND status = 'pending'"
-            f"{skip} ORDER BY next_at_ms, id LIMIT 1"
+            "SELECT d.next_at_ms FROM deliveries d WHERE d.target = ? AND d.status = 'pending'"
+            f"{skip} AND {_HEAD_OF_ITS_QUEUE} ORDER BY d.next_at_ms, d.id LIMIT 1"
         )
         rows = list(await self._reader.execute_fetchall(sql, (target, *exclude)))
         return int(rows[0][0]) if rows else None

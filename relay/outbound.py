@@ -19,6 +19,7 @@ from multidict import CIMultiDict
 
 from relay.model import RouteConfig, SourceConfig, TargetConfig, VerifyConfig
 from relay.rules import BodyError, request_document
+from relay.signing import sign
 
 HOP_BY_HOP = frozenset(
     {
@@ -120,8 +121,12 @@ def build_request(
     source: SourceConfig | None,
     request: StoredRequest,
     attempt: int,
+    now_s: float,
 ) -> OutboundRequest:
-    """The request of one attempt. Raises TransformError when the route's transform fails."""
+    """The request of one attempt at `now_s` (signatures carry it).
+
+    Raises TransformError when the route's transform fails.
+    """
     new_body = transform_body(route, source, request) if route is not None else None
     drop = HOP_BY_HOP
     if new_body is not None:
@@ -141,10 +146,13 @@ def build_request(
     headers["X-Relay-Event-Id"] = request.event_id
     headers["X-Relay-Source"] = request.source
     headers["X-Relay-Attempt"] = str(attempt)
+    body = request.body if new_body is None else new_body
+    if target.sign is not None:
+        headers.update(sign(target.sign, request.delivery_id, body, now_s))
     return OutboundRequest(
         method=target.method,
         url=target.url,
         headers=headers,
-        body=request.body if new_body is None else new_body,
+        body=body,
         transformed=new_body is not None,
     )

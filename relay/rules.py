@@ -26,7 +26,7 @@ import jmespath.parser
 import orjson
 
 if TYPE_CHECKING:
-    from relay.model import RouteConfig
+    from relay.model import RouteConfig, TargetConfig
 
 
 class RuleError(ValueError):
@@ -227,6 +227,20 @@ class RouteSet:
                 else _decide_one(route, route.filter.compiled, document)
             )
         return decisions
+
+
+def order_key(target: TargetConfig, document: Mapping[str, Any]) -> str | None:
+    """The FIFO group of a delivery to `target`: "" for `ordered`, the `order_key` value
+    (as JSON unless a string; null when it cannot be computed), or None when unordered."""
+    if target.ordered:
+        return ""
+    if target.order_key is None:
+        return None
+    try:
+        value = target.order_key.search(document)
+    except Exception:  # noqa: BLE001 - a key that cannot be computed is the null group
+        value = None
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
 
 
 def header_key(name: str) -> str:

@@ -70,6 +70,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float  # time.monotonic() when the request arrived
 
 
 Reply = tuple[int, dict[str, str], bytes]
@@ -93,12 +94,13 @@ class Receiver:
         return f"http://127.0.0.1:{self.port}/hook"
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        arrived = time.monotonic()
         self.current += 1
         self.max_concurrent = max(self.max_concurrent, self.current)
         try:
             body = await request.read()
             self.requests.append(
-                Received(request.method, request.path_qs, dict(request.headers), body)
+                Received(request.method, request.path_qs, dict(request.headers), body, arrived)
             )
             if self.gate is not None:
                 await self.gate.wait()

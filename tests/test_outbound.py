@@ -55,7 +55,7 @@ def stored(headers: list[tuple[str, str]], body: bytes = b'{"a": 1}') -> StoredR
 def test_original_headers_pass_except_hop_by_hop_host_and_length() -> None:
     """The target sees the sender's headers, minus those that belong to one connection."""
     request = build_request(
-        target=target(), route=route(), source=None, attempt=2,
+        target=target(), route=route(), source=None, attempt=2, now_s=0.0,
         request=stored([
             ("Host", "relay.example"), ("Content-Length", "8"), ("Connection", "keep-alive, X-Hop"),
             ("X-Hop", "1"), ("Transfer-Encoding", "chunked"), ("User-Agent", "Stripe/1.0"),
@@ -76,7 +76,7 @@ def test_target_headers_then_route_drop_then_route_set() -> None:
     request = build_request(
         target=target(headers={"Authorization": "Bearer t", "X-Env": "prod"}),
         route=route(drop_headers=("stripe-signature", "x-env"), set_headers={"X-Origin": "stripe"}),
-        source=stripe_source(), attempt=1,
+        source=stripe_source(), attempt=1, now_s=0.0,
         request=stored([("Authorization", "Basic old"), ("Stripe-Signature", "t=1,v1=ab")]),
     )  # fmt: skip
     assert request.headers.getall("Authorization") == ["Bearer t"]
@@ -91,7 +91,8 @@ def test_transform_reshapes_the_body_and_drops_the_signature() -> None:
         "{text: format('Stripe {}: {}', body.type, body.data.object.id)}"
     )
     request = build_request(
-        target=target(), route=route(transform=transform), source=stripe_source(), attempt=1,
+        target=target(), route=route(transform=transform), source=stripe_source(),
+        attempt=1, now_s=0.0,
         request=stored(
             [("Stripe-Signature", "t=1,v1=ab"), ("Content-Type", "application/json; charset=utf-8"),
              ("Content-Encoding", "identity"), ("X-Keep", "yes")],
@@ -111,7 +112,8 @@ def test_a_transform_that_raises_is_a_transform_error() -> None:
     broken = compile_expression("{n: length(body.missing)}")
     with pytest.raises(TransformError, match=r"transform failed: .*length\(\)"):
         build_request(
-            target=target(), route=route(transform=broken), source=stripe_source(), attempt=1,
+            target=target(), route=route(transform=broken), source=stripe_source(),
+            attempt=1, now_s=0.0,
             request=stored([("Content-Type", "application/json")]),
         )  # fmt: skip
 

@@ -1,0 +1,244 @@
+"""End-to-end delivery against difficult targets: signatures, Retry-After, pause, pacing, order."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import orjson
+import standardwebhooks.webhooks
+import svix.webhooks
+
+from conftest import Daemon, Receiver, eventually, server_toml
+
+DaemonFactory = Callable[..., Awaitable[Daemon]]
+ReceiverFactory = Callable[[], Awaitable[Receiver]]
+
+SECRET_A = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+SECRET_B = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"
+
+
+def one_target(tmp_path: Path, url: str, settings: str) -> str:
+    return (
+        server_toml(tmp_path)
+        + f"""
+[sources.app]
+[targets.svc]
+url = "{url}"
+{settings}
+[[routes]]
+name = "r"
+source = "app"
+targets = ["svc"]
+"""
+    )
+
+
+async def test_standard_webhooks_signature_verifies_at_the_receiver_across_a_retry(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Each attempt is signed afresh (same webhook-id, new timestamp), once per secret."""
+    svc = await receivers()
+    svc.script.append((503, {"Retry-After": "1"}, b"busy"))
+    daemon = await daemons(
+        one_target(
+            tmp_path, svc.url,
+            f'sign = {{ scheme = "standard", secret = ["{SECRET_A}", "{SECRET_B}"] }}\n'
+            'retry = { first = "50ms", max = "2s" }',
+        )
+    )  # fmt: skip
+    _, reply, _ = await daemon.post("/hooks/app", {"amount": 12})
+    await daemon.wait_log("delivery.succeeded", event_id=reply["id"])
+    first, second = svc.requests
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
+    assert int(second.headers["webhook-timestamp"]) > int(first.headers["webhook-timestamp"])
+    for request in (first, second):
+        assert len(request.headers["webhook-signature"].split(" ")) == 2
+        for secret in (SECRET_A, SECRET_B):
+            headers = {k: v for k, v in request.headers.items() if k.startswith("webhook-")}
+            assert standardwebhooks.webhooks.Webhook(secret).verify(request.body, headers) == {
+                "amount": 12
+            }
+            svix.webhooks.Webhook(secret).verify(request.body, headers)
+
+
+async def test_plain_hmac_signature(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """`sign = { scheme = "hmac" }` puts a body HMAC in the named header."""
+    svc = await receivers()
+    daemon = await daemons(
+        one_target(
+            tmp_path, svc.url,
+            'sign = { scheme = "hmac", secret = "k3y", header = "X-Signature",'
+            ' algorithm = "sha256", encoding = "hex", prefix = "sha256=" }',
+        )
+    )  # fmt: skip
+    await daemon.post("/hooks/app", {"x": 1})
+    await eventually(lambda: svc.requests)
+    request = svc.requests[0]
+    expected = hmac.new(b"k3y", request.body, hashlib.sha256).hexdigest()
+    assert request.headers["X-Signature"] == f"sha256={expected}"
+
+
+async def test_retry_after_delays_the_next_attempt(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A 429 with Retry-After: 2 is not retried sooner than 2 seconds later."""
+    svc = await receivers()
+    svc.script.append((429, {"Retry-After": "2"}, b"slow down"))
+    daemon = await daemons(one_target(tmp_path, svc.url, 'retry = { first = "10ms", max = "1m" }'))
+    _, reply, _ = await daemon.post("/hooks/app", {"x": 1})
+    failed = await daemon.wait_log("delivery.failed", event_id=reply["id"])
+    assert failed["status"] == 429
+    assert failed["retry_in_s"] >= 2
+    await daemon.wait_log("delivery.succeeded", event_id=reply["id"])
+    assert svc.requests[1].at - svc.requests[0].at >= 2.0
+
+
+async def test_a_down_target_pauses_and_drains_at_once_when_back(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """While down, far fewer attempts than 30 x attempts; once back, all 30 arrive promptly."""
+    svc = await receivers()
+    svc.default = (503, {}, b"down")
+    daemon = await daemons(
+        one_target(
+            tmp_path, svc.url,
+            'pause_after = 3\nconcurrency = 2\n'
+            'retry = { attempts = 20, first = "300ms", max = "1s" }',
+        )
+    )  # fmt: skip
+    accepted = [(await daemon.post("/hooks/app", {"n": n}))[1]["id"] for n in range(30)]
+    paused = await daemon.wait_log("target.paused")
+    assert (paused["target"], paused["reason"]) == ("svc", "HTTP 503")
+    await daemon.wait_log("target.paused", after=daemon.lines.index(paused) + 1)  # a probe failed
+    attempts_while_down = len(svc.requests)
+    assert attempts_while_down < 15  # without the pause: 30 deliveries x up to 20 attempts
+    svc.default = (200, {}, b"ok")
+    back = time.monotonic()
+    resumed = await daemon.wait_log("target.resumed")
+    assert resumed["target"] == "svc"
+    await eventually(lambda: set(accepted) <= set(svc.event_ids()))
+    assert time.monotonic() - back < 10
+    rows = daemon.query("SELECT count(*) FROM deliveries WHERE status = 'delivered'")
+    assert rows == [(30,)]
+
+
+async def test_a_paused_target_stays_paused_across_a_restart(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """The pause and its cooldown are kept in the journal: a restart does not reopen the target."""
+    svc = await receivers()
+    svc.default = (503, {}, b"down")
+    daemon = await daemons(
+        one_target(tmp_path, svc.url, 'pause_after = 1\nretry = { first = "1h", max = "2h" }')
+    )
+    await daemon.post("/hooks/app", {"x": 1})
+    await daemon.wait_log("target.paused")
+    await daemon.stop()
+    assert daemon.query("SELECT name, pauses FROM targets") == [("svc", 1)]
+    count = len(daemon.lines)
+    await daemon.start()
+    restored = await daemon.wait_log("target.paused", after=count)
+    assert restored["reason"] == "paused before the restart"
+    assert restored["for_s"] > 3000
+    assert len(svc.requests) == 1
+
+
+async def test_rate_limit_spaces_request_starts(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """At rate_limit = "10/s", 30 deliveries take at least 2.9 s to start, with no burst."""
+    svc = await receivers()
+    daemon = await daemons(one_target(tmp_path, svc.url, 'rate_limit = "10/s"\nconcurrency = 8'))
+    for n in range(30):
+        await daemon.post("/hooks/app", {"n": n})
+    await eventually(lambda: len(svc.requests) == 30)
+    started = [r.at for r in svc.requests]
+    assert started[-1] - started[0] >= 2.7  # 29 gaps of 0.1 s, less scheduling noise
+    gaps = [b - a for a, b in itertools.pairwise(started)]
+    assert min(gaps) >= 0.05  # never two starts at once
+
+
+async def test_ordered_target_delivers_in_arrival_order_despite_a_failing_head(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """ordered = true: one at a time, in arrival order; a failing first event holds the rest."""
+    svc = await receivers()
+    svc.script.extend([(500, {}, b"no"), (500, {}, b"no")])
+    daemon = await daemons(
+        one_target(
+            tmp_path, svc.url,
+            'ordered = true\nconcurrency = 4\nretry = { first = "100ms", max = "200ms" }',
+        )
+    )  # fmt: skip
+    for n in range(6):
+        await daemon.post("/hooks/app", {"n": n})
+    await eventually(lambda: len(svc.requests) == 8)
+    seen = [orjson.loads(r.body)["n"] for r in svc.requests]
+    assert seen == [0, 0, 0, 1, 2, 3, 4, 5]
+    assert svc.max_concurrent == 1
+
+
+async def test_order_key_keeps_per_key_order_while_keys_overlap(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """order_key: FIFO within a key, and different keys are delivered at the same time."""
+    svc = await receivers()
+    svc.gate = asyncio.Event()
+    daemon = await daemons(
+        one_target(tmp_path, svc.url, 'order_key = "body.account"\nconcurrency = 4')
+    )
+    for n in range(4):
+        for account in ("a", "b"):
+            await daemon.post("/hooks/app", {"account": account, "n": n})
+    await eventually(lambda: svc.current == 2)
+    in_flight = sorted(orjson.loads(r.body)["account"] for r in svc.requests)
+    assert in_flight == ["a", "b"]  # one per key, both keys at once
+    svc.gate.set()
+    await eventually(lambda: len(svc.requests) == 8)
+    for account in ("a", "b"):
+        order = [
+            orjson.loads(r.body)["n"]
+            for r in svc.requests
+            if orjson.loads(r.body)["account"] == account
+        ]
+        assert order == [0, 1, 2, 3]
+
+
+async def test_link_local_and_denied_targets_are_refused_by_policy(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Cloud metadata (link-local) and denied networks are never contacted; the reason says why."""
+    svc = await receivers()
+    daemon = await daemons(
+        server_toml(tmp_path, deny_networks='["127.0.0.0/8", "::1/128"]')
+        + f"""
+[sources.app]
+[targets.metadata]
+url = "http://169.254.169.254/latest/meta-data/"
+[targets.local]
+url = "http://localhost:{svc.port}/hook"
+[[routes]]
+name = "r"
+source = "app"
+targets = ["metadata", "local"]
+"""
+    )
+    _, reply, _ = await daemon.post("/hooks/app", {"x": 1})
+    dead = {}
+    for target in ("metadata", "local"):
+        dead[target] = await daemon.wait_log("delivery.dead", event_id=reply["id"], target=target)
+    assert dead["metadata"]["reason"] == (
+        "outbound network policy: 169.254.169.254 is link-local"
+        " (refused by default; allow it with server.allow_networks)"
+    )
+    assert "is in server.deny_networks 127.0.0.0/8" in dead["local"]["reason"]
+    assert dead["metadata"]["attempt"] == 1
+    assert svc.requests == []
