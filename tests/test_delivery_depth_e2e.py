@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import itertools
+import sqlite3
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,7 +17,10 @@ import orjson
 import standardwebhooks.webhooks
 import svix.webhooks
 
-from conftest import Daemon, Receiver, eventually, server_toml
+from conftest import REPO, Daemon, Receiver, eventually, server_toml
+
+sys.path.insert(0, str(REPO))
+from bench.backlog import make_backlog
 
 DaemonFactory = Callable[..., Awaitable[Daemon]]
 ReceiverFactory = Callable[[], Awaitable[Receiver]]
@@ -242,3 +248,38 @@ targets = ["metadata", "local"]
     assert "is in server.deny_networks 127.0.0.0/8" in dead["local"]["reason"]
     assert dead["metadata"]["attempt"] == 1
     assert svc.requests == []
+
+
+async def test_a_large_backlog_is_not_loaded_into_memory(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """100,000 pending deliveries: the daemon only ever holds a small window of them."""
+    svc = await receivers()
+    svc.gate = asyncio.Event()  # the target holds every request: the backlog stays
+    settings = 'concurrency = 4\nretry = { max_age = "30d" }'
+    empty = await daemons(one_target(tmp_path / "empty", svc.url, settings))
+    await empty.post("/hooks/app", {"warm": "up"})
+    await eventually(lambda: svc.current == 1)
+    baseline = rss_bytes(empty)
+    await empty.kill()
+    svc.gate.set()
+    svc.gate = asyncio.Event()
+    (tmp_path / "full").mkdir()
+    make_backlog(tmp_path / "full" / "relay.db", 100_000, body=b'{"pad": "' + b"x" * 900 + b'"}')
+    with contextlib.closing(sqlite3.connect(tmp_path / "full" / "relay.db")) as conn, conn:
+        conn.execute("DELETE FROM targets")  # open: the lane does pull from the backlog
+    full = await daemons(one_target(tmp_path / "full", svc.url, settings))
+    assert full.find("relay.started", pending=100_000) is not None
+    await eventually(lambda: svc.current == 4)
+    grown = rss_bytes(full) - baseline
+    assert grown < 40 * 2**20, f"resident memory grew by {grown / 2**20:.0f} MiB"
+    svc.gate.set()
+
+
+def rss_bytes(daemon: Daemon) -> int:
+    assert daemon.process is not None
+    status = Path(f"/proc/{daemon.process.pid}/status").read_text()
+    return (
+        int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+        * 1024
+    )
