@@ -140,7 +140,7 @@ def stored_request(delivery: DueDelivery) -> StoredRequest:
     )
 
 
-PAUSED_SWEEP_S = 30.0  # while paused, how often max_age is enforced on the waiting backlog
+PAUSED_SWEEP_S = 60.0  # while paused with nothing waiting, how often to look again
 
 
 class Lane:
@@ -202,8 +202,7 @@ class Lane:
             return True
         self._wake.clear()
         if wait_s is not None:  # paused: max_age still applies to what waits
-            await self._expire_waiting()
-            wait_s = min(wait_s, PAUSED_SWEEP_S)
+            wait_s = min(wait_s, await self._expire_waiting())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), wait_s)
         return False
@@ -376,20 +375,25 @@ class Lane:
                 for_s=round(self.pause.wait_s(time.time()) or 0.0, 3),
             )  # fmt: skip
 
-    async def _expire_waiting(self) -> None:
-        """While paused, deliveries older than max_age still end dead."""
+    async def _expire_waiting(self) -> float:
+        """While paused, deliveries older than max_age still end dead. Seconds to the next."""
         max_age_s = self.target.retry.max_age_s
-        cutoff_ms = _now_ms() - int(max_age_s * 1000)
         reason = f"max_age {max_age_s:g}s exceeded while the target was paused"
         try:
+            cutoff_ms = _now_ms() - int(max_age_s * 1000)
             while expired := await self._journal.expire_older(self.target.name, cutoff_ms, reason):
                 for delivery_id, event_id in expired:
                     log.error(
                         "delivery.dead", delivery_id=delivery_id, event_id=event_id,
                         target=self.target.name, reason=reason,
                     )  # fmt: skip
+            oldest_ms = await self._journal.oldest_pending_ms(self.target.name)
         except JournalError as error:
             log.error("journal.write_failed", error=str(error), target=self.target.name)
+            return PAUSED_SWEEP_S
+        if oldest_ms is None:
+            return PAUSED_SWEEP_S
+        return max(0.05, (oldest_ms + max_age_s * 1000 - _now_ms()) / 1000)
 
     def _log_attempt(
         self,

@@ -48,3 +48,8 @@ def event_id(now_ms: int | None = None) -> str:
 
 def delivery_id(now_ms: int | None = None) -> str:
     return "dlv_" + ulid(now_ms)
+
+
+def ulid_floor(ms: int) -> str:
+    """The smallest ULID of millisecond `ms`: every id made at or after `ms` sorts above it."""
+    return _encode(ms, 10) + "0" * 16

@@ -26,6 +26,8 @@ from typing import Any, Literal
 import aiosqlite
 import orjson
 
+from relay.ids import ulid_floor
+
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 5000
 MAX_BATCH_OPS = 1024
@@ -498,11 +500,14 @@ def _drain(target: str, now_ms: int, limit: int) -> WriteFn:
 
 
 def _expire_older(target: str, created_before_ms: int, reason: str, limit: int) -> WriteFn:
+    # Delivery ids are ULIDs of the arrival time: the primary key finds the old ones.
+    below_id = "dlv_" + ulid_floor(created_before_ms)
+
     def write(conn: sqlite3.Connection) -> list[tuple[str, str]]:
         rows = conn.execute(
-            "SELECT id, event_id FROM deliveries WHERE target = ? AND status = 'pending'"
-            " AND created_at_ms < ? LIMIT ?",
-            (target, created_before_ms, limit),
+            "SELECT id, event_id FROM deliveries WHERE id < ? AND target = ?"
+            " AND status = 'pending' AND created_at_ms < ? LIMIT ?",
+            (below_id, target, created_before_ms, limit),
         ).fetchall()
         conn.executemany(
             "UPDATE deliveries SET status = 'dead', last_error = ? WHERE id = ?",
@@ -581,6 +586,17 @@ class Journal:
             _expire_older(target, created_before_ms, reason, limit)
         )
         return expired
+
+    async def oldest_pending_ms(self, target: str) -> int | None:
+        """When the oldest pending delivery of `target` arrived (ids are time ordered)."""
+        rows = list(
+            await self._reader.execute_fetchall(
+                "SELECT created_at_ms FROM deliveries WHERE target = ? AND status = 'pending'"
+                " ORDER BY id LIMIT 1",
+                (target,),
+            )
+        )
+        return int(rows[0][0]) if rows else None
 
     async def save_target(
         self, name: str, failures: int, pauses: int, paused_until_ms: int | None

@@ -88,15 +88,18 @@ def next_step(
     if outcome is Outcome.DEAD:
         return Step(Outcome.DEAD, reason=failure)
     if attempt >= retry.attempts:
-        tries = "1 attempt" if attempt == 1 else f"{attempt} attempts"
-        return Step(Outcome.DEAD, reason=f"gave up after {tries}: {failure}")
+        return Step(Outcome.DEAD, reason=f"gave up after {_attempts(attempt)}: {failure}")
     delay_s = backoff_s(attempt, retry, jitter)
     if retry_after_s is not None:
         delay_s = max(delay_s, min(retry_after_s, retry.max_s))
     next_at_s = now_s + delay_s
     if next_at_s > received_at_s + retry.max_age_s:
-        return Step(Outcome.DEAD, reason=f"max_age exceeded after {attempt} attempts: {failure}")
+        return Step(Outcome.DEAD, reason=f"max_age exceeded after {_attempts(attempt)}: {failure}")
     return Step(Outcome.RETRY, next_at_s=next_at_s)
+
+
+def _attempts(count: int) -> str:
+    return "1 attempt" if count == 1 else f"{count} attempts"
 
 
 def expired(*, received_at_s: float, now_s: float, retry: RetryConfig) -> bool:

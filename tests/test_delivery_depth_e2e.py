@@ -283,3 +283,26 @@ def rss_bytes(daemon: Daemon) -> int:
         int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
         * 1024
     )
+
+
+async def test_max_age_still_applies_while_a_target_is_paused(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Deliveries waiting on a paused target become dead once older than max_age."""
+    svc = await receivers()
+    svc.default = (503, {}, b"down")
+    daemon = await daemons(
+        one_target(
+            tmp_path, svc.url,
+            'pause_after = 1\nretry = { first = "1h", max = "1h", max_age = "1s" }',
+        )
+    )  # fmt: skip
+    await daemon.post("/hooks/app", {"n": 1})
+    await daemon.wait_log("target.paused")
+    waiting = [(await daemon.post("/hooks/app", {"n": n}))[1]["id"] for n in (2, 3)]
+    for event_id in waiting:
+        dead = await daemon.wait_log("delivery.dead", event_id=event_id)
+        assert dead["reason"] == "max_age 1s exceeded while the target was paused"
+    assert len(svc.requests) == 1
+    statuses = daemon.query("SELECT status FROM events WHERE id IN (?, ?)", tuple(waiting))
+    assert statuses == [("dead",), ("dead",)]
