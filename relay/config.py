@@ -55,6 +55,7 @@ from relay.model import (
     VerifyScheme,
 )
 from relay.rules import Expression, RuleError, compile_expression
+from relay.signing import new_standard_secret
 
 T = TypeVar("T")
 D = TypeVar("D")
@@ -1464,10 +1465,6 @@ _STARTER_FOOTER: Final = """
 """
 
 
-def _standard_webhooks_secret() -> str:
-    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode("ascii")
-
-
 def starter_toml() -> str:
     """A starter config for `relay init`: a demo GitHub-style source, a `log:` target, a route.
 
@@ -1492,4 +1489,4 @@ def starter_toml() -> str:
         "routes": [{"name": "demo-to-console", "source": "demo", "targets": ["console"]}],
     }
     body = tomli_w.dumps(_escape(document))
-    return _STARTER_HEADER + body + _STARTER_FOOTER.format(whsec=_standard_webhooks_secret())
+    return _STARTER_HEADER + body + _STARTER_FOOTER.format(whsec=new_standard_secret())
