@@ -27,7 +27,7 @@ from relay import __version__
 from relay.config import ConfigError, effective_toml, load, starter_toml
 from relay.dryrun import DryRun, dry_run
 from relay.logs import is_sensitive_header
-from relay.model import Config
+from relay.model import Config, SourceConfig
 from relay.rules import BodyError
 from relay.signing import provider_headers
 
@@ -204,17 +204,28 @@ def _parse_headers(raw: Sequence[str]) -> list[tuple[str, str]] | None:
     return headers
 
 
-def cmd_test(args: argparse.Namespace) -> int:
+def _payload(
+    args: argparse.Namespace,
+) -> tuple[Config, SourceConfig, bytes, list[tuple[str, str]]] | int:
+    """What `relay test`/`relay send` work on: config, source, body and headers; or an exit code."""
     config = _load(args)
     if isinstance(config, int):
         return config
-    if args.source not in config.sources:
+    source = config.sources.get(args.source)
+    if source is None:
         known = ", ".join(config.sources) or "none"
         return _fail(f'unknown source "{args.source}" (known: {known})', EXIT_USAGE)
     parts = _request_parts(args)
     if isinstance(parts, int):
         return parts
-    body, headers = parts
+    return config, source, *parts
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    payload = _payload(args)
+    if isinstance(payload, int):
+        return payload
+    config, _source, body, headers = payload
     try:
         result = dry_run(config, args.source, body, headers, time.time_ns() // 1_000_000)
     except BodyError as error:
@@ -295,17 +306,10 @@ def _listener_url(config: Config, path: str) -> str:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    config = _load(args)
-    if isinstance(config, int):
-        return config
-    source = config.sources.get(args.source)
-    if source is None:
-        known = ", ".join(config.sources) or "none"
-        return _fail(f'unknown source "{args.source}" (known: {known})', EXIT_USAGE)
-    parts = _request_parts(args)
-    if isinstance(parts, int):
-        return parts
-    body, headers = parts
+    payload = _payload(args)
+    if isinstance(payload, int):
+        return payload
+    config, source, body, headers = payload
     if source.verify is not None:
         signed = provider_headers(source.verify, body, time.time(), f"relay-send-{uuid.uuid4()}")
         headers += list(signed.items())
