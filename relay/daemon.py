@@ -33,6 +33,7 @@ from relay.journal import Journal, JournalError, open_journal
 from relay.model import Config
 from relay.netpolicy import NetworkPolicy
 from relay.notify import Notifier
+from relay.tail import Tail
 
 log = logs.get_logger()
 
@@ -65,7 +66,8 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -
         journal = await stack.enter_async_context(open_journal(server.journal, server.sync))
         health.journal = journal
         network = NetworkPolicy.from_server(server)
-        deliverer = await stack.enter_async_context(open_deliverer(journal, network))
+        tail = Tail()
+        deliverer = await stack.enter_async_context(open_deliverer(journal, network, tail))
         admin = await listen(
             admin_handler(health),
             server.admin,
@@ -73,7 +75,7 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -
             shutdown_timeout_s=1.0,
         )
         stack.push_async_callback(admin.runner.cleanup)
-        inbound_handler = Inbound(Routing.of(config), journal, deliverer.notify)
+        inbound_handler = Inbound(Routing.of(config), journal, deliverer.notify, tail)
         ssl_context = (
             make_ssl_context(str(server.tls_cert), str(server.tls_key))
             if server.tls_cert and server.tls_key

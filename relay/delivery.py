@@ -34,6 +34,7 @@ from relay.outbound import (
     TransformError,
     build_request,
 )
+from relay.tail import Tail
 
 log = logs.get_logger()
 
@@ -154,12 +155,14 @@ class Lane:
         journal: Journal,
         session: aiohttp.ClientSession,
         network: NetworkPolicy,
+        tail: Tail,
     ) -> None:
         self.target = target
         self._settings = settings
         self._journal = journal
         self._session = session
         self._network = network
+        self._tail = tail
         self._window = max(16, 4 * target.concurrency)
         self._ready: deque[DueDelivery] = deque()
         self._held: set[str] = set()  # in the window, in flight, or outcome not yet committed
@@ -289,7 +292,7 @@ class Lane:
             outcome = policy.classify(result.status, target.retry_on)
         step = policy.next_step(
             outcome=outcome,
-            attempt=attempt,
+            attempt=attempt - delivery.replay_base,  # a replay restarts the retry budget
             retry=target.retry,
             received_at_s=delivery.created_at_ms / 1000,
             now_s=decided_at_s,
@@ -414,6 +417,10 @@ class Lane:
             "status": result.status,
             "ms": round(elapsed_ms, 3),
         }
+        self._tail.publish(
+            "delivery.attempt", source=delivery.source, outcome=step.outcome.value,
+            error=result.error, reason=step.reason, **fields,
+        )  # fmt: skip
         if step.outcome is policy.Outcome.DELIVERED:
             log.info("delivery.succeeded", **fields)
         elif step.outcome is policy.Outcome.RETRY:
@@ -466,11 +473,16 @@ class Deliverer:
     """All lanes, and the HTTP client they share."""
 
     def __init__(
-        self, journal: Journal, session: aiohttp.ClientSession, network: NetworkPolicy
+        self,
+        journal: Journal,
+        session: aiohttp.ClientSession,
+        network: NetworkPolicy,
+        tail: Tail,
     ) -> None:
         self._journal = journal
         self._session = session
         self._network = network
+        self._tail = tail
         self.settings: Settings | None = None
         self.lanes: dict[str, Lane] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
@@ -482,7 +494,9 @@ class Deliverer:
     def start(self, config: Config) -> None:
         self.settings = Settings.of(config)
         for name, target in config.targets.items():
-            lane = Lane(target, self._current, self._journal, self._session, self._network)
+            lane = Lane(
+                target, self._current, self._journal, self._session, self._network, self._tail
+            )
             self.lanes[name] = lane
             self._runners[name] = asyncio.create_task(lane.run(), name=f"lane-{name}")
 
@@ -512,7 +526,9 @@ class Deliverer:
 
 
 @contextlib.asynccontextmanager
-async def open_deliverer(journal: Journal, network: NetworkPolicy) -> AsyncIterator[Deliverer]:
+async def open_deliverer(
+    journal: Journal, network: NetworkPolicy, tail: Tail
+) -> AsyncIterator[Deliverer]:
     """The deliverer and its ClientSession; the session is closed on exit.
 
     The connector resolves through the network policy and connects to the addresses it
@@ -524,4 +540,4 @@ async def open_deliverer(journal: Journal, network: NetworkPolicy) -> AsyncItera
         auto_decompress=False,
         skip_auto_headers=("User-Agent",),
     ) as session:
-        yield Deliverer(journal, session, network)
+        yield Deliverer(journal, session, network, tail)

@@ -31,6 +31,7 @@ from relay.model import Address, Config, Rate, SourceConfig
 from relay.policy import TokenBucket, retry_after_header
 from relay.rules import BodyError, RouteSet, order_key, request_document
 from relay.signing import Verdict, verify
+from relay.tail import Tail
 
 log = logs.get_logger()
 
@@ -111,10 +112,12 @@ class Inbound:
         routing: Routing,
         journal: Journal,
         on_accepted: Callable[[Sequence[str]], None],
+        tail: Tail,
     ) -> None:
         self.routing = routing
         self._journal = journal
         self._on_accepted = on_accepted
+        self._tail = tail
         self._buckets: dict[str, tuple[Rate, int | None, TokenBucket]] = {}
 
     def check_rate(self, source: SourceConfig) -> None:
@@ -220,11 +223,16 @@ class Inbound:
             return _json(200, {"id": original, "duplicate": True})
         if deliveries:
             self._on_accepted(sorted({d.target for d in deliveries}))
+        matched = [d.name for d in decisions if d.matched]
+        self._tail.publish(
+            "event.accepted", event_id=event_id, source=source.name, routes=matched,
+            deliveries=len(deliveries), received_at=document["received_at"],
+        )  # fmt: skip
         log.info(
             "event.accepted",
             event_id=event_id,
             source=source.name,
-            routes=[d.name for d in decisions if d.matched],
+            routes=matched,
             deliveries=len(deliveries),
             bytes=len(body),
             ms=round((time.perf_counter() - started) * 1000, 3),

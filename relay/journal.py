@@ -62,8 +62,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
     target        TEXT NOT NULL,
     status        TEXT NOT NULL,         -- pending | delivered | dead
     attempts      INTEGER NOT NULL DEFAULT 0,
+    replay_base   INTEGER NOT NULL DEFAULT 0, -- attempts made before the last replay
     next_at_ms    INTEGER NOT NULL,      -- when a pending delivery is due
-    created_at_ms INTEGER NOT NULL,      -- the event's arrival (for max_age)
+    created_at_ms INTEGER NOT NULL,      -- the event's arrival, or the last replay (for max_age)
     last_error    TEXT,                  -- the last failure; the reason when dead
     order_key     TEXT                   -- ordered targets: FIFO per value ('' for ordered = true)
 );
@@ -142,14 +143,15 @@ class DueDelivery:
     event_id: str
     route: str
     target: str
-    attempts: int
-    created_at_ms: int
+    attempts: int  # attempts made so far (the next is attempts + 1)
+    created_at_ms: int  # arrival, or the last replay: max_age counts from here
     source: str
     method: str
     path: str
     query: str
     headers: list[tuple[str, str]]
     body: bytes
+    replay_base: int = 0  # attempts made before the last replay (the budget restarts there)
 
 
 @dataclass(frozen=True, slots=True)
@@ -638,7 +640,7 @@ class Journal:
         skip = f" AND d.id NOT IN ({marks})" if exclude else ""
         sql = (
             "SELECT d.id, d.event_id, d.route, d.attempts, d.created_at_ms,"
-            " e.source, e.method, e.path, e.query, e.headers, e.body"
+            " e.source, e.method, e.path, e.query, e.headers, e.body, d.replay_base"
             " FROM deliveries d JOIN events e ON e.id = d.event_id"
             " WHERE d.target = ? AND d.status = 'pending' AND d.next_at_ms <= ?"
             f"{skip} AND {_HEAD_OF_ITS_QUEUE} ORDER BY d.next_at_ms, d.id LIMIT ?"
@@ -658,6 +660,7 @@ class Journal:
                 query=r[8],
                 headers=[(k, v) for k, v in orjson.loads(r[9])],
                 body=bytes(r[10]),
+                replay_base=r[11],
             )
             for r in rows
         ]
