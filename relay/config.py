@@ -1490,3 +1490,57 @@ def starter_toml() -> str:
     }
     body = tomli_w.dumps(_escape(document))
     return _STARTER_HEADER + body + _STARTER_FOOTER.format(whsec=new_standard_secret())
+
+
+# --------------------------------------------------------------------------- reload
+
+_RELOADABLE_SERVER_FIELDS: Final = frozenset(
+    {"admin_token", "retention_s", "max_body_bytes", "read_timeout_s", "shutdown_grace_s"}
+)
+_SERVER_KEY_OF_FIELD: Final = {
+    "retention_s": "retention",
+    "max_body_bytes": "max_body",
+    "read_timeout_s": "read_timeout",
+    "idle_timeout_s": "idle_timeout",
+    "shutdown_grace_s": "shutdown_grace",
+}
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """Why `new` cannot be swapped in while running (listen, admin, journal, ...), if it can't."""
+    problems = []
+    for name in ServerConfig.__dataclass_fields__:
+        if name in _RELOADABLE_SERVER_FIELDS:
+            continue
+        if getattr(old.server, name) != getattr(new.server, name):
+            key = _SERVER_KEY_OF_FIELD.get(name, name)
+            problems.append(f"server.{key} changed: a restart is needed to apply it")
+    return problems
+
+
+def _changed(old: Mapping[str, Any], new: Mapping[str, Any], kind: str) -> dict[str, list[str]]:
+    return {
+        f"{kind}_added": sorted(set(new) - set(old)),
+        f"{kind}_removed": sorted(set(old) - set(new)),
+        f"{kind}_changed": sorted(k for k in set(old) & set(new) if old[k] != new[k]),
+    }
+
+
+def config_changes(old: Config, new: Config) -> dict[str, list[str]]:
+    """What a reload changes, by name: sources, targets and routes added, removed, changed."""
+    changes = {
+        **_changed(old.sources, new.sources, "sources"),
+        **_changed(old.targets, new.targets, "targets"),
+        **_changed({r.name: r for r in old.routes}, {r.name: r for r in new.routes}, "routes"),
+    }
+    if old.server != new.server:
+        changes["server_changed"] = sorted(
+            _SERVER_KEY_OF_FIELD.get(name, name)
+            for name in ServerConfig.__dataclass_fields__
+            if getattr(old.server, name) != getattr(new.server, name)
+        )
+    if old.log != new.log or old.defaults != new.defaults:
+        changes["other_changed"] = [
+            n for n in ("log", "defaults") if getattr(old, n) != getattr(new, n)
+        ]
+    return {key: names for key, names in changes.items() if names}

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from relay import __version__, logs
+from relay.config import ConfigError, config_changes, load, restart_needed
 from relay.delivery import Deliverer, open_deliverer
 from relay.ingress import (
     Health,
@@ -58,8 +59,9 @@ class Running:
 async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -> int:
     """Run the daemon until `shutdown_trigger` is set (by default: SIGTERM/SIGINT). Exit code."""
     trigger = shutdown_trigger or asyncio.Event()
+    reload_requests: asyncio.Queue[None] = asyncio.Queue()
     if shutdown_trigger is None:
-        _install_signal_handlers(trigger)
+        _install_signal_handlers(trigger, reload_requests)
     health = Health()
     server = config.server
     async with contextlib.AsyncExitStack() as stack:
@@ -91,15 +93,18 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -
         stack.push_async_callback(inbound.runner.cleanup)
         deliverer.start(config)
         running = Running(config, journal, deliverer, inbound, admin, health)
-        maintenance = asyncio.create_task(_maintain(journal, config))
+        await _sweep_removed(journal, config)
+        maintenance = asyncio.create_task(_maintain(running))
         health.serving = True
         await _log_started(running)
         notifier = Notifier()
         notifier.send("READY=1", f"STATUS=serving on {inbound.address}")
+        reloader = Reloader(running, inbound_handler, notifier)
+        reloads = asyncio.create_task(_serve_reload_requests(reload_requests, reloader))
         watchdog = _start_watchdog(notifier)
         await trigger.wait()
         notifier.send("STOPPING=1", "STATUS=stopping")
-        for task in (maintenance, watchdog):
+        for task in (maintenance, watchdog, reloads):
             if task is not None:
                 task.cancel()
         await shutdown(running)
@@ -119,6 +124,81 @@ async def shutdown(running: Running) -> None:
     cut = await running.deliverer.stop(running.config.server.shutdown_grace_s)
     if cut:
         log.warning("relay.grace_exceeded", cancelled=cut, note="left pending in the journal")
+
+
+class Reloader:
+    """SIGHUP and `relay reload`: validate the file again, then swap it in atomically.
+
+    An invalid file, or one that changes what only a restart can (listen, admin,
+    journal, ...), is refused and the running config stays. A valid one replaces the
+    routing table in one assignment (each request uses the config it started with)
+    and reconciles the lanes; deliveries of removed targets end `dead`.
+    """
+
+    def __init__(self, running: Running, inbound: Inbound, notifier: Notifier) -> None:
+        self._running = running
+        self._inbound = inbound
+        self._notifier = notifier
+        self._lock = asyncio.Lock()
+
+    async def reload(self) -> tuple[bool, list[str]]:
+        async with self._lock:
+            monotonic_usec = time.monotonic_ns() // 1000
+            self._notifier.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
+            try:
+                return await self._reload()
+            finally:
+                address = self._running.inbound.address
+                self._notifier.send("READY=1", f"STATUS=serving on {address}")
+
+    async def _reload(self) -> tuple[bool, list[str]]:
+        old = self._running.config
+        try:
+            new = load(old.path)
+        except ConfigError as error:
+            log.error("config.reload_failed", errors=error.errors)
+            return False, error.errors
+        problems = [f"{old.path}: {problem}" for problem in restart_needed(old, new)]
+        if problems:
+            log.error("config.reload_failed", errors=problems)
+            return False, problems
+        changes = config_changes(old, new)
+        self._inbound.routing = Routing.of(new)  # atomic: the next request sees the new table
+        removed = await self._running.deliverer.reconfigure(new, new.server.shutdown_grace_s)
+        self._running.config = new
+        if new.log != old.log:
+            logs.configure(new.log.format, new.log.level)
+        log.info("config.reloaded", **changes)
+        await _sweep_removed(self._running.journal, new)
+        if removed or changes.get("routes_removed"):
+            # Requests that were routed by the old table may still be committing.
+            asyncio.get_running_loop().call_later(
+                new.server.read_timeout_s,
+                lambda: asyncio.ensure_future(_sweep_removed(self._running.journal, new)),
+            )
+        return True, []
+
+
+async def _serve_reload_requests(requests: asyncio.Queue[None], reloader: Reloader) -> None:
+    while True:
+        await requests.get()
+        await reloader.reload()
+
+
+async def _sweep_removed(journal: Journal, config: Config) -> None:
+    """Deliveries whose target is gone from the config end dead ("target removed")."""
+    try:
+        gone = await journal.pending_targets() - set(config.targets)
+        for target in sorted(gone):
+            for delivery_id, event_id in await journal.kill_pending(
+                target=target, reason="target removed"
+            ):
+                log.error(
+                    "delivery.dead", delivery_id=delivery_id, event_id=event_id, target=target,
+                    reason="target removed",
+                )  # fmt: skip
+    except JournalError as error:
+        log.error("journal.write_failed", error=str(error))
 
 
 async def _log_started(running: Running) -> None:
@@ -146,10 +226,12 @@ async def _pending(journal: Journal) -> int | None:
         return None
 
 
-async def _maintain(journal: Journal, config: Config) -> None:
+async def _maintain(running: Running) -> None:
     """From the start and then on a timer: checkpoint the WAL, delete events past `retention`."""
+    journal = running.journal
     next_prune = time.monotonic()
     while True:
+        config = running.config  # the current one: retention may change on reload
         try:
             busy, wal_pages, done = await journal.checkpoint()
             log.debug("journal.checkpointed", busy=busy, wal_pages=wal_pages, checkpointed=done)
@@ -195,7 +277,7 @@ def _start_watchdog(notifier: Notifier) -> asyncio.Task[None] | None:
     return asyncio.create_task(ping())
 
 
-def _install_signal_handlers(trigger: asyncio.Event) -> None:
+def _install_signal_handlers(trigger: asyncio.Event, reloads: asyncio.Queue[None]) -> None:
     loop = asyncio.get_running_loop()
 
     def on_interrupt() -> None:
@@ -205,7 +287,4 @@ def _install_signal_handlers(trigger: asyncio.Event) -> None:
 
     loop.add_signal_handler(signal.SIGTERM, trigger.set)
     loop.add_signal_handler(signal.SIGINT, on_interrupt)
-    loop.add_signal_handler(
-        signal.SIGHUP,
-        lambda: log.warning("config.reload_failed", errors=["reload is not supported yet"]),
-    )
+    loop.add_signal_handler(signal.SIGHUP, reloads.put_nowait, None)

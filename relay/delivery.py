@@ -182,19 +182,37 @@ class Lane:
     def wake(self) -> None:
         self._wake.set()
 
+    def retarget(self, target: TargetConfig) -> None:
+        """A reload's new settings, from the next attempt on (in-flight ones finish as they are)."""
+        old, self.target = self.target, target
+        self._window = max(16, 4 * target.concurrency)
+        if target.concurrency != old.concurrency:
+            self._slots = asyncio.Semaphore(target.concurrency)
+        if target.rate_limit != old.rate_limit:
+            self._spacer = (
+                policy.StartSpacer(target.rate_limit.per_second) if target.rate_limit else None
+            )
+        if (target.pause_after, target.retry) != (old.pause_after, old.retry):
+            self.pause = policy.TargetPause.restore(
+                target.pause_after, target.retry.first_s, target.retry.max_s,
+                self.pause.snapshot(), time.time(),
+            )  # fmt: skip
+        self._wake.set()
+
     async def run(self) -> None:
         await self._restore_pause()
         while not self._stopping:
             if not await self._open() or (not self._ready and not await self._refill()):
                 continue
-            await self._slots.acquire()
+            slots = self._slots  # a reload may replace it; this attempt releases its own
+            await slots.acquire()
             if self._spacer is not None:
                 await asyncio.sleep(self._spacer.reserve(time.monotonic()))
             started_s = time.time()
             if self._stopping or not self._ready or not self.pause.may_start(started_s):
-                self._slots.release()
+                slots.release()
                 continue
-            task = asyncio.create_task(self._attempt(self._ready.popleft(), started_s))
+            task = asyncio.create_task(self._attempt(self._ready.popleft(), started_s, slots))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -225,17 +243,19 @@ class Lane:
             await asyncio.wait_for(self._wake.wait(), timeout_s)
         return False
 
-    async def _attempt(self, delivery: DueDelivery, started_s: float) -> None:
+    async def _attempt(
+        self, delivery: DueDelivery, started_s: float, slots: asyncio.Semaphore
+    ) -> None:
         settings = self._settings()  # the config current at this attempt
         target = settings.config.targets.get(self.target.name, self.target)
         try:
             request_or_reason = self._prepare(delivery, target, settings, started_s)
             if isinstance(request_or_reason, str):
                 self.pause.abandon(started_s=started_s)
-                self._slots.release()
+                slots.release()
                 await self._give_up(delivery, target, request_or_reason)
                 return
-            await self._send_and_record(delivery, target, request_or_reason, started_s)
+            await self._send_and_record(delivery, target, request_or_reason, started_s, slots)
         finally:
             self._held.discard(delivery.id)
             self._wake.set()  # a retry may now be the next one due
@@ -244,6 +264,8 @@ class Lane:
         self, delivery: DueDelivery, target: TargetConfig, settings: Settings, now_s: float
     ) -> OutboundRequest | str:
         """The request to send, or why the delivery is dead without an attempt."""
+        if delivery.route not in settings.routes:
+            return "target removed"  # its route was removed by a reload (SPEC §4 wording)
         if policy.expired(
             received_at_s=delivery.created_at_ms / 1000, now_s=now_s, retry=target.retry
         ):
@@ -266,6 +288,7 @@ class Lane:
         target: TargetConfig,
         request: OutboundRequest,
         started_s: float,
+        slots: asyncio.Semaphore,
     ) -> None:
         attempt = delivery.attempts + 1
         started = time.perf_counter()
@@ -281,7 +304,7 @@ class Lane:
             result = AttemptResult(None, f"internal error: {type(error).__name__}: {error}")
         finally:
             self.in_flight -= 1
-            self._slots.release()
+            slots.release()
         elapsed_ms = (time.perf_counter() - started) * 1000
         decided_at_s = time.time()
         if result.refused:
@@ -483,6 +506,7 @@ class Deliverer:
         self._session = session
         self._network = network
         self._tail = tail
+        self._retiring: set[asyncio.Task[int]] = set()
         self.settings: Settings | None = None
         self.lanes: dict[str, Lane] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
@@ -493,12 +517,37 @@ class Deliverer:
 
     def start(self, config: Config) -> None:
         self.settings = Settings.of(config)
+        for target in config.targets.values():
+            self._start_lane(target)
+
+    def _start_lane(self, target: TargetConfig) -> None:
+        lane = Lane(target, self._current, self._journal, self._session, self._network, self._tail)
+        self.lanes[target.name] = lane
+        self._runners[target.name] = asyncio.create_task(lane.run(), name=f"lane-{target.name}")
+
+    async def reconfigure(self, config: Config, grace_s: float) -> list[str]:
+        """Swap in a reloaded config; the names of the targets that were removed.
+
+        Unchanged lanes keep their queues and in-flight requests; changed ones take the
+        new settings for their next attempt; new targets get lanes; removed ones stop
+        taking attempts and let theirs finish within `grace_s` in the background.
+        """
+        old = self._current().config
+        self.settings = Settings.of(config)
         for name, target in config.targets.items():
-            lane = Lane(
-                target, self._current, self._journal, self._session, self._network, self._tail
-            )
-            self.lanes[name] = lane
-            self._runners[name] = asyncio.create_task(lane.run(), name=f"lane-{name}")
+            if name not in self.lanes:
+                self._start_lane(target)
+            elif target != old.targets.get(name):
+                self.lanes[name].retarget(target)
+        removed = [name for name in self.lanes if name not in config.targets]
+        for name in removed:
+            lane = self.lanes.pop(name)
+            lane.stop_taking()
+            self._runners.pop(name).cancel()
+            retiring = asyncio.create_task(lane.finish(grace_s))
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
+        return removed
 
     def notify(self, targets: Iterable[str]) -> None:
         """New deliveries were committed for these targets."""
@@ -522,6 +571,9 @@ class Deliverer:
         cut = 0
         for lane in self.lanes.values():
             cut += await lane.finish(max(0.0, deadline - time.monotonic()))
+        for retiring in list(self._retiring):  # lanes of targets a reload removed
+            retiring.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         return cut
 
 

@@ -523,6 +523,27 @@ def _expire_older(target: str, created_before_ms: int, reason: str, limit: int) 
     return write
 
 
+def _kill_pending(column: str, name: str, reason: str, limit: int) -> WriteFn:
+    assert column in ("target", "route")
+
+    def write(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+        rows = conn.execute(
+            f"SELECT id, event_id FROM deliveries WHERE {column} = ? AND status = 'pending'"
+            " LIMIT ?",
+            (name, limit),
+        ).fetchall()
+        conn.executemany(
+            "UPDATE deliveries SET status = 'dead', last_error = ? WHERE id = ?",
+            [(reason, row[0]) for row in rows],
+        )
+        stamp = now_ms()
+        for event_id in {row[1] for row in rows}:
+            conn.execute(_EVENT_STATUS_SQL, {"e": event_id, "now": stamp})
+        return [(str(row[0]), str(row[1])) for row in rows]
+
+    return write
+
+
 def _save_target(name: str, failures: int, pauses: int, paused_until_ms: int | None) -> WriteFn:
     def write(conn: sqlite3.Connection) -> None:
         conn.execute(
@@ -530,6 +551,137 @@ def _save_target(name: str, failures: int, pauses: int, paused_until_ms: int | N
             " VALUES (?,?,?,?)",
             (name, failures, pauses, paused_until_ms),
         )
+
+    return write
+
+
+# ------------------------------------------------ admin queries
+
+
+@dataclass(frozen=True, slots=True)
+class EventSummary:
+    """One row of `GET /api/events`."""
+
+    id: str
+    source: str
+    received_at_ms: int
+    status: EventStatus
+    deliveries: int
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRow:
+    n: int
+    started_at_ms: int
+    ms: float
+    status: int | None
+    error: str | None
+    response: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRow:
+    id: str
+    route: str
+    target: str
+    status: DeliveryStatus
+    attempts: int
+    replay_base: int
+    next_at_ms: int
+    created_at_ms: int
+    last_error: str | None
+    attempt_log: list[AttemptRow]
+
+
+@dataclass(frozen=True, slots=True)
+class EventDetail:
+    """One event as `GET /api/events/{id}` shows it: the request, decisions, deliveries."""
+
+    id: str
+    source: str
+    received_at_ms: int
+    status: EventStatus
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    routes: list[dict[str, Any]]
+    dedupe_key: str | None
+    finished_at_ms: int | None
+    deliveries: list[DeliveryRow]
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """Which finished deliveries a replay re-queues (all conditions must hold)."""
+
+    statuses: tuple[DeliveryStatus, ...] = ("dead",)
+    event_id: str | None = None
+    target: str | None = None
+    route: str | None = None
+    since_ms: int | None = None  # the event arrived at or after this (Unix ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Requeued:
+    requeued: int
+    skipped: int  # chosen, but their target is not in the config
+    targets: frozenset[str]  # the targets of the re-queued deliveries (lanes to wake)
+
+
+def _list_events_sql(
+    source: str | None, status: str | None, before: str | None, limit: int
+) -> tuple[str, list[Any]]:
+    where: list[str] = []
+    params: list[Any] = []
+    for clause, value in (("source = ?", source), ("status = ?", status), ("id < ?", before)):
+        if value is not None:
+            where.append(clause)
+            params.append(value)
+    sql = (
+        "SELECT id, source, received_at_ms, status,"
+        " (SELECT count(*) FROM deliveries d WHERE d.event_id = e.id) FROM events e"
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + " ORDER BY id DESC LIMIT ?"
+    )
+    return sql, [*params, limit]
+
+
+def _requeue(selection: Replay, known_targets: frozenset[str], now_ms: int) -> WriteFn:
+    """Pending again, due now, with a fresh retry budget and max_age counted from now."""
+    marks = ",".join("?" * len(selection.statuses))
+    where = [f"status IN ({marks})"]
+    params: list[Any] = list(selection.statuses)
+    if selection.event_id is not None:
+        where.append("event_id = ?")
+        params.append(selection.event_id)
+    if selection.target is not None:
+        where.append("target = ?")
+        params.append(selection.target)
+    if selection.route is not None:
+        where.append("route = ?")
+        params.append(selection.route)
+    if selection.since_ms is not None:  # delivery ids are ULIDs of the event's arrival
+        where.append("id >= ?")
+        params.append("dlv_" + ulid_floor(max(0, selection.since_ms)))
+    sql = "SELECT id, event_id, target FROM deliveries WHERE " + " AND ".join(where)
+
+    def write(conn: sqlite3.Connection) -> Requeued | None:
+        if selection.event_id is not None:
+            found = conn.execute("SELECT 1 FROM events WHERE id = ?", (selection.event_id,))
+            if found.fetchone() is None:
+                return None
+        rows = conn.execute(sql, params).fetchall()
+        chosen = [row for row in rows if row[2] in known_targets]
+        conn.executemany(
+            "UPDATE deliveries SET status = 'pending', next_at_ms = ?, replay_base = attempts,"
+            " created_at_ms = ?, last_error = NULL WHERE id = ?",
+            [(now_ms, now_ms, row[0]) for row in chosen],
+        )
+        for event_id in {row[1] for row in chosen}:
+            conn.execute(_EVENT_STATUS_SQL, {"e": event_id, "now": now_ms})
+        return Requeued(len(chosen), len(rows) - len(chosen), frozenset(row[2] for row in chosen))
 
     return write
 
@@ -588,6 +740,24 @@ class Journal:
             _expire_older(target, created_before_ms, reason, limit)
         )
         return expired
+
+    async def kill_pending(
+        self, *, target: str | None = None, route: str | None = None, reason: str
+    ) -> list[tuple[str, str]]:
+        """Make every pending delivery of a target (or route) dead; (delivery, event) ids."""
+        column, name = ("target", target) if target is not None else ("route", route)
+        assert name is not None, "a target or a route"
+        killed: list[tuple[str, str]] = []
+        while batch := await self._write(_kill_pending(column, name, reason, 500)):
+            killed += batch
+        return killed
+
+    async def pending_targets(self) -> set[str]:
+        """The targets that have pending deliveries."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT DISTINCT target FROM deliveries WHERE status = 'pending'"
+        )
+        return {str(row[0]) for row in rows}
 
     async def oldest_pending_ms(self, target: str) -> int | None:
         """When the oldest pending delivery of `target` arrived (ids are time ordered)."""
@@ -687,6 +857,98 @@ class Journal:
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a read query (for the admin API and tests of the journal itself)."""
         return [tuple(r) for r in await self._reader.execute_fetchall(sql, params)]
+
+    # -------------------------------------------- admin queries (the admin API's reads)
+
+    async def list_events(
+        self,
+        *,
+        source: str | None = None,
+        status: str | None = None,
+        before: str | None = None,
+        limit: int = 50,
+    ) -> list[EventSummary]:
+        """Up to `limit` events, newest first; `before`: only ids below this one (paging)."""
+        sql, params = _list_events_sql(source, status, before, limit)
+        rows = await self._reader.execute_fetchall(sql, params)
+        return [EventSummary(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    async def get_event(self, event_id: str) -> EventDetail | None:
+        """The event with its deliveries and their attempts; None when there is no such id."""
+        rows = list(
+            await self._reader.execute_fetchall(
+                "SELECT id, source, received_at_ms, status, method, path, query, headers, body,"
+                " routes, dedupe_key, finished_at_ms FROM events WHERE id = ?",
+                (event_id,),
+            )
+        )
+        if not rows:
+            return None
+        e = rows[0]
+        attempts: dict[str, list[AttemptRow]] = {}
+        for a in await self._reader.execute_fetchall(
+            "SELECT delivery_id, n, started_at_ms, ms, status, error, response FROM attempts"
+            " WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_id = ?)"
+            " ORDER BY delivery_id, n",
+            (event_id,),
+        ):
+            response = None if a[6] is None else bytes(a[6])
+            attempts.setdefault(a[0], []).append(AttemptRow(a[1], a[2], a[3], a[4], a[5], response))
+        deliveries = [
+            DeliveryRow(
+                id=d[0],
+                route=d[1],
+                target=d[2],
+                status=d[3],
+                attempts=d[4],
+                replay_base=d[5],
+                next_at_ms=d[6],
+                created_at_ms=d[7],
+                last_error=d[8],
+                attempt_log=attempts.get(d[0], []),
+            )
+            for d in await self._reader.execute_fetchall(
+                "SELECT id, route, target, status, attempts, replay_base, next_at_ms,"
+                " created_at_ms, last_error FROM deliveries WHERE event_id = ? ORDER BY id",
+                (event_id,),
+            )
+        ]
+        return EventDetail(
+            id=e[0],
+            source=e[1],
+            received_at_ms=e[2],
+            status=e[3],
+            method=e[4],
+            path=e[5],
+            query=e[6],
+            headers=[(k, v) for k, v in orjson.loads(e[7])],
+            body=bytes(e[8]),
+            routes=orjson.loads(e[9]),
+            dedupe_key=e[10],
+            finished_at_ms=e[11],
+            deliveries=deliveries,
+        )
+
+    async def queue_depths(self) -> dict[str, int]:
+        """Pending deliveries per target (one pass over the partial index of pending ones)."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT target, count(*) FROM deliveries WHERE status = 'pending' GROUP BY target"
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def requeue(
+        self, selection: Replay, known_targets: Collection[str], now_ms: int
+    ) -> Requeued | None:
+        """Re-queue the chosen finished deliveries whose target is known, in one transaction.
+
+        Each becomes pending and due at `now_ms`, its retry budget restarts (`replay_base`
+        = attempts so far; attempt numbers keep counting), `max_age` counts from `now_ms`,
+        and its event is pending again. None when `selection.event_id` names no event.
+        """
+        result: Requeued | None = await self._write(
+            _requeue(selection, frozenset(known_targets), now_ms)
+        )
+        return result
 
 
 @contextlib.asynccontextmanager

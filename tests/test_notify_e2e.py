@@ -160,3 +160,28 @@ async def test_a_vanished_notify_socket_does_not_stop_the_daemon(
     assert status == 202
     await daemon.wait_log("delivery.succeeded", event_id=reply["id"])
     assert await daemon.stop() == 0
+
+
+async def test_reloads_are_announced_with_reloading_then_ready(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """Each SIGHUP sends RELOADING=1 with MONOTONIC_USEC, then READY=1 — a failed reload too."""
+    async with notify_socket(tmp_path, "path") as notify:
+        daemon = await daemons(relay_config(tmp_path), env={"NOTIFY_SOCKET": notify.env_value})
+        await eventually(lambda: notify.with_line("READY=1"))
+        for outcome, text in (
+            ("config.reloaded", relay_config(tmp_path) + "[sources.more]\n"),
+            ("config.reload_failed", relay_config(tmp_path) + "[sources.bad]\nnope = 1\n"),
+        ):
+            daemon.config_path.write_text(text)
+            before_usec = time.monotonic_ns() // 1000
+            count = len(notify.messages)
+            daemon.signal(signal.SIGHUP)
+            await daemon.wait_log(outcome)
+            await eventually(lambda c=count: len(notify.messages) >= c + 2)
+            reloading, ready = notify.messages[count : count + 2]
+            assert reloading[0] == "RELOADING=1"
+            (usec,) = [line for line in reloading if line.startswith("MONOTONIC_USEC=")]
+            assert int(usec.split("=")[1]) >= before_usec
+            assert ready[0] == "READY=1"
+        assert await daemon.ready() == 200

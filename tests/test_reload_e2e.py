@@ -1,0 +1,150 @@
+"""End-to-end config reload (SIGHUP): swapped atomically, refused when invalid, nothing dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from conftest import Daemon, Receiver, eventually, free_port, server_toml
+
+DaemonFactory = Callable[..., Awaitable[Daemon]]
+ReceiverFactory = Callable[[], Awaitable[Receiver]]
+
+
+def config(tmp_path: Path, port: int, a: Receiver, b: Receiver, extra_route: bool) -> str:
+    text = (
+        server_toml(tmp_path, listen_port=port)
+        + f"""
+[sources.app]
+[targets.a]
+url = "{a.url}"
+[targets.b]
+url = "{b.url}"
+[[routes]]
+name = "to-a"
+source = "app"
+targets = ["a"]
+"""
+    )
+    if extra_route:
+        text += """
+[[routes]]
+name = "to-b"
+source = "app"
+filter = "body.copy == `true`"
+targets = ["b"]
+"""
+    return text
+
+
+async def reload_and_wait(daemon: Daemon, event: str) -> dict[str, object]:
+    count = len(daemon.lines)
+    daemon.signal(signal.SIGHUP)
+    return await daemon.wait_log(event, after=count)
+
+
+async def test_a_route_added_while_traffic_flows(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """No request fails across a reload, and events after it follow the new route too."""
+    a, b = await receivers(), await receivers()
+    port = free_port()
+    daemon = await daemons(config(tmp_path, port, a, b, extra_route=False))
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def traffic() -> None:
+        async with aiohttp.ClientSession() as session:
+            for n in range(2000):  # bounded; stops as soon as the test is done
+                if stop.is_set():
+                    return
+                async with session.post(
+                    f"http://127.0.0.1:{port}/hooks/app", data=orjson.dumps({"copy": True, "n": n}),
+                    headers={"Content-Type": "application/json"},
+                ) as response:  # fmt: skip
+                    statuses.append(response.status)
+
+    sender = asyncio.create_task(traffic())
+    await eventually(lambda: len(statuses) > 20)
+    daemon.config_path.write_text(config(tmp_path, port, a, b, extra_route=True))
+    reloaded = await reload_and_wait(daemon, "config.reloaded")
+    assert reloaded["routes_added"] == ["to-b"]
+    await eventually(lambda: len(b.requests) > 10)
+    stop.set()
+    await sender
+    assert set(statuses) == {202}
+    await eventually(lambda: len(a.requests) == len(statuses))
+
+
+async def test_an_invalid_config_is_refused_and_the_old_one_keeps_running(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A broken file is logged with every error; traffic keeps flowing on the old routes."""
+    a, b = await receivers(), await receivers()
+    port = free_port()
+    daemon = await daemons(config(tmp_path, port, a, b, extra_route=False))
+    broken = config(tmp_path, port, a, b, extra_route=True).replace(
+        'targets = ["b"]', 'targets = ["c"]'
+    )
+    daemon.config_path.write_text(broken.replace("[sources.app]", "[sources.app]\nmax_bdy = 1"))
+    failed = await reload_and_wait(daemon, "config.reload_failed")
+    errors = failed["errors"]
+    assert isinstance(errors, list)
+    assert len(errors) == 2
+    assert any('sources.app.max_bdy: unknown key (did you mean "max_body"?)' in e for e in errors)
+    assert any('routes[1].targets[0]: unknown target "c"' in e for e in errors)
+    status, reply, _ = await daemon.post("/hooks/app", {"still": "served"})
+    assert (status, reply["deliveries"]) == (202, 1)
+    await eventually(lambda: a.event_ids() == [reply["id"]])
+    assert await daemon.ready() == 200
+
+
+async def test_listen_changes_need_a_restart(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Changing the listen address is refused with a message that a restart is needed."""
+    a, b = await receivers(), await receivers()
+    port = free_port()
+    daemon = await daemons(config(tmp_path, port, a, b, extra_route=False))
+    daemon.config_path.write_text(config(tmp_path, free_port(), a, b, extra_route=True))
+    failed = await reload_and_wait(daemon, "config.reload_failed")
+    assert failed["errors"] == [
+        f"{daemon.config_path}: server.listen changed: a restart is needed to apply it"
+    ]
+    _, reply, _ = await daemon.post("/hooks/app", {"copy": True})
+    assert reply["deliveries"] == 1  # the new route was not applied either
+
+
+async def test_a_removed_target_leaves_its_deliveries_dead_and_others_untouched(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Removing a target: its waiting deliveries end dead ("target removed"); in-flight
+    requests of unchanged targets finish normally."""
+    a, b = await receivers(), await receivers()
+    a.gate = asyncio.Event()  # a's request stays in flight across the reload
+    b.default = (503, {}, b"down")  # b's deliveries wait for a retry
+    port = free_port()
+    text = config(tmp_path, port, a, b, extra_route=True).replace(
+        'url = "' + b.url + '"', 'url = "' + b.url + '"\nretry = { first = "1h", max = "1h" }'
+    )
+    daemon = await daemons(text)
+    _, reply, _ = await daemon.post("/hooks/app", {"copy": True})
+    await eventually(lambda: a.current == 1 and len(b.requests) == 1)
+    without_b = config(tmp_path, port, a, b, extra_route=False).replace(
+        f'[targets.b]\nurl = "{b.url}"\n', ""
+    )
+    daemon.config_path.write_text(without_b)
+    reloaded = await reload_and_wait(daemon, "config.reloaded")
+    assert reloaded["targets_removed"] == ["b"]
+    assert reloaded["routes_removed"] == ["to-b"]
+    dead = await daemon.wait_log("delivery.dead", event_id=reply["id"], target="b")
+    assert dead["reason"] == "target removed"
+    a.gate.set()
+    await daemon.wait_log("delivery.succeeded", event_id=reply["id"], target="a")
+    rows = daemon.query("SELECT target, status, last_error FROM deliveries ORDER BY target")
+    assert rows == [("a", "delivered", None), ("b", "dead", "target removed")]
