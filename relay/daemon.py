@@ -31,6 +31,7 @@ from relay.ingress import (
     make_ssl_context,
 )
 from relay.journal import Journal, JournalError, open_journal
+from relay.metrics import Metrics
 from relay.model import Config
 from relay.netpolicy import NetworkPolicy
 from relay.notify import Notifier
@@ -54,6 +55,7 @@ class Running:
     inbound: Listener
     admin: Listener
     health: Health
+    metrics: Metrics
 
 
 async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -> int:
@@ -69,7 +71,9 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -
         health.journal = journal
         network = NetworkPolicy.from_server(server)
         tail = Tail()
-        deliverer = await stack.enter_async_context(open_deliverer(journal, network, tail))
+        metrics = Metrics()
+        journal.set_commit_observer(metrics.observe_commit)
+        deliverer = await stack.enter_async_context(open_deliverer(journal, network, tail, metrics))
         admin = await listen(
             admin_handler(health),
             server.admin,
@@ -92,7 +96,7 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -
         )
         stack.push_async_callback(inbound.runner.cleanup)
         deliverer.start(config)
-        running = Running(config, journal, deliverer, inbound, admin, health)
+        running = Running(config, journal, deliverer, inbound, admin, health, metrics)
         await _sweep_removed(journal, config)
         maintenance = asyncio.create_task(_maintain(running))
         health.serving = True
@@ -157,10 +161,12 @@ class Reloader:
             new = load(old.path)
         except ConfigError as error:
             log.error("config.reload_failed", errors=error.errors)
+            self._running.metrics.config_reloads.labels("failed").inc()
             return False, error.errors
         problems = [f"{old.path}: {problem}" for problem in restart_needed(old, new)]
         if problems:
             log.error("config.reload_failed", errors=problems)
+            self._running.metrics.config_reloads.labels("failed").inc()
             return False, problems
         changes = config_changes(old, new)
         self._inbound.routing = Routing.of(new)  # atomic: the next request sees the new table
@@ -169,6 +175,7 @@ class Reloader:
         if new.log != old.log:
             logs.configure(new.log.format, new.log.level)
         log.info("config.reloaded", **changes)
+        self._running.metrics.config_reloads.labels("ok").inc()
         await _sweep_removed(self._running.journal, new)
         if removed or changes.get("routes_removed"):
             # Requests that were routed by the old table may still be committing.

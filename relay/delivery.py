@@ -26,6 +26,7 @@ import aiohttp
 
 from relay import logs, policy
 from relay.journal import AttemptRecord, DueDelivery, Journal, JournalError
+from relay.metrics import Metrics
 from relay.model import Config, RouteConfig, TargetConfig
 from relay.netpolicy import NetworkPolicy, PolicyRefused, check_url, connector
 from relay.outbound import (
@@ -141,6 +142,18 @@ def stored_request(delivery: DueDelivery) -> StoredRequest:
     )
 
 
+@dataclass(frozen=True)
+class LaneServices:
+    """What every lane shares: the current settings, the journal, the HTTP client, ..."""
+
+    settings: Callable[[], Settings]
+    journal: Journal
+    session: aiohttp.ClientSession
+    network: NetworkPolicy
+    tail: Tail
+    metrics: Metrics
+
+
 PAUSED_SWEEP_S = 60.0  # while paused with nothing waiting, how often to look again
 
 
@@ -148,21 +161,14 @@ class Lane:
     """One target's queue: a window of due deliveries, at most `concurrency` in flight,
     starts spaced by `rate_limit`, and the pause (circuit breaker) in front of them all."""
 
-    def __init__(
-        self,
-        target: TargetConfig,
-        settings: Callable[[], Settings],
-        journal: Journal,
-        session: aiohttp.ClientSession,
-        network: NetworkPolicy,
-        tail: Tail,
-    ) -> None:
+    def __init__(self, target: TargetConfig, services: LaneServices) -> None:
         self.target = target
-        self._settings = settings
-        self._journal = journal
-        self._session = session
-        self._network = network
-        self._tail = tail
+        self._settings = services.settings
+        self._journal = services.journal
+        self._session = services.session
+        self._network = services.network
+        self._tail = services.tail
+        self._metrics = services.metrics
         self._window = max(16, 4 * target.concurrency)
         self._ready: deque[DueDelivery] = deque()
         self._held: set[str] = set()  # in the window, in flight, or outcome not yet committed
@@ -444,6 +450,11 @@ class Lane:
             "delivery.attempt", source=delivery.source, outcome=step.outcome.value,
             error=result.error, reason=step.reason, **fields,
         )  # fmt: skip
+        self._metrics.deliveries.labels(target.name, step.outcome.value).inc()
+        self._metrics.attempt_seconds.labels(target.name).observe(elapsed_ms / 1000)
+        if step.outcome is policy.Outcome.DELIVERED:
+            latency_s = time.time() - delivery.created_at_ms / 1000
+            self._metrics.delivery_latency_seconds.labels(target.name).observe(latency_s)
         if step.outcome is policy.Outcome.DELIVERED:
             log.info("delivery.succeeded", **fields)
         elif step.outcome is policy.Outcome.RETRY:
@@ -460,6 +471,7 @@ class Lane:
         except JournalError as error:
             log.error("journal.write_failed", error=str(error), delivery_id=delivery.id)
             return
+        self._metrics.deliveries.labels(target.name, "dead").inc()
         log.error(
             "delivery.dead",
             delivery_id=delivery.id,
@@ -501,11 +513,9 @@ class Deliverer:
         session: aiohttp.ClientSession,
         network: NetworkPolicy,
         tail: Tail,
+        metrics: Metrics,
     ) -> None:
-        self._journal = journal
-        self._session = session
-        self._network = network
-        self._tail = tail
+        self._services = LaneServices(self._current, journal, session, network, tail, metrics)
         self._retiring: set[asyncio.Task[int]] = set()
         self.settings: Settings | None = None
         self.lanes: dict[str, Lane] = {}
@@ -521,7 +531,7 @@ class Deliverer:
             self._start_lane(target)
 
     def _start_lane(self, target: TargetConfig) -> None:
-        lane = Lane(target, self._current, self._journal, self._session, self._network, self._tail)
+        lane = Lane(target, self._services)
         self.lanes[target.name] = lane
         self._runners[target.name] = asyncio.create_task(lane.run(), name=f"lane-{target.name}")
 
@@ -579,7 +589,7 @@ class Deliverer:
 
 @contextlib.asynccontextmanager
 async def open_deliverer(
-    journal: Journal, network: NetworkPolicy, tail: Tail
+    journal: Journal, network: NetworkPolicy, tail: Tail, metrics: Metrics
 ) -> AsyncIterator[Deliverer]:
     """The deliverer and its ClientSession; the session is closed on exit.
 
@@ -592,4 +602,4 @@ async def open_deliverer(
         auto_decompress=False,
         skip_auto_headers=("User-Agent",),
     ) as session:
-        yield Deliverer(journal, session, network, tail)
+        yield Deliverer(journal, session, network, tail, metrics)

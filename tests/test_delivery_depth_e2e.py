@@ -132,8 +132,8 @@ async def test_a_down_target_pauses_and_drains_at_once_when_back(
     assert resumed["target"] == "svc"
     await eventually(lambda: set(accepted) <= set(svc.event_ids()))
     assert time.monotonic() - back < 10
-    rows = daemon.query("SELECT count(*) FROM deliveries WHERE status = 'delivered'")
-    assert rows == [(30,)]
+    delivered = "SELECT count(*) FROM deliveries WHERE status = 'delivered'"
+    await eventually(lambda: daemon.query(delivered) == [(30,)])
 
 
 async def test_a_paused_target_stays_paused_across_a_restart(
