@@ -172,7 +172,8 @@ class Lane:
         self._window = max(16, 4 * target.concurrency)
         self._ready: deque[DueDelivery] = deque()
         self._held: set[str] = set()  # in the window, in flight, or outcome not yet committed
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # new work may be due
+        self._poke = asyncio.Event()  # the lane's own state changed (pause, reload, stop)
         self._slots = asyncio.Semaphore(target.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -203,6 +204,7 @@ class Lane:
                 target.pause_after, target.retry.first_s, target.retry.max_s,
                 self.pause.snapshot(), time.time(),
             )  # fmt: skip
+        self._poke.set()
         self._wake.set()
 
     async def run(self) -> None:
@@ -227,11 +229,11 @@ class Lane:
         wait_s = self.pause.wait_s(time.time())
         if wait_s == 0:
             return True
-        self._wake.clear()
+        self._poke.clear()  # new deliveries do not matter while paused: only state changes do
         if wait_s is not None:  # paused: max_age still applies to what waits
             wait_s = min(wait_s, await self._expire_waiting())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), wait_s)
+            await asyncio.wait_for(self._poke.wait(), wait_s)
         return False
 
     async def _refill(self) -> bool:
@@ -265,6 +267,7 @@ class Lane:
         finally:
             self._held.discard(delivery.id)
             self._wake.set()  # a retry may now be the next one due
+            self._poke.set()  # and a probe's result changes the pause
 
     def _prepare(
         self, delivery: DueDelivery, target: TargetConfig, settings: Settings, now_s: float
@@ -486,6 +489,7 @@ class Lane:
 
     def stop_taking(self) -> None:
         self._stopping = True
+        self._poke.set()
         self._wake.set()
 
     async def finish(self, timeout_s: float) -> int:

@@ -2,26 +2,33 @@
 
 ULIDs sort by creation time, so ids are also the journal's natural order. Within one
 millisecond the random part is incremented, so ids made by this process never go backwards.
+The random bits come from a generator seeded once from the OS: ids must be unique, not
+secret, and a system call per id costs the event loop a GIL hand-off on the hot path.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _lock = threading.Lock()
+_random = random.Random(os.urandom(32))
 _last_ms = 0
 _last_random = 0
 
 
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # 10 bits -> two characters
+
+
 def _encode(value: int, length: int) -> str:
+    """`value` as `length` Crockford base32 characters (length even: two at a time)."""
     chars = []
-    for _ in range(length):
-        chars.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+    for shift in range(5 * (length - 2), -1, -10):
+        chars.append(_PAIRS[(value >> shift) & 1023])
+    return "".join(chars)
 
 
 def ulid(now_ms: int | None = None) -> str:
@@ -34,10 +41,10 @@ def ulid(now_ms: int | None = None) -> str:
             _last_random += 1
         elif ms <= _last_ms:  # the random part is exhausted: move on to the next millisecond
             ms = _last_ms = _last_ms + 1
-            _last_random = int.from_bytes(os.urandom(10), "big") >> 1
+            _last_random = _random.getrandbits(79)
         else:
             _last_ms = ms
-            _last_random = int.from_bytes(os.urandom(10), "big")
+            _last_random = _random.getrandbits(80)
         random_part = _last_random
     return _encode(ms, 10) + _encode(random_part, 16)
 

@@ -51,7 +51,10 @@ def test_id_carries_its_creation_millisecond() -> None:
 
 def test_known_time_and_random_part_encode_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     """Encoding is standard ULID: 48-bit time then 80 random bits, big-endian Crockford."""
-    monkeypatch.setattr("relay.ids.os.urandom", lambda n: bytes(range(1, n + 1)))
+    monkeypatch.setattr(
+        "relay.ids._random.getrandbits",
+        lambda bits: int.from_bytes(bytes(range(1, 11)), "big") >> (80 - bits),
+    )
     # time 1 ms; random bytes 01 02 .. 0A (RFC 4648 base32 "AEBAGBAFAYDQQCIK", in Crockford).
     assert ids.ulid(1) == "0000000001" + "041061050R3GG28A"
 
@@ -65,15 +68,15 @@ def test_default_time_comes_from_the_system_clock(monkeypatch: pytest.MonkeyPatc
 
 def test_random_part_uses_all_80_bits(monkeypatch: pytest.MonkeyPatch) -> None:
     """The 16 random characters carry 80 bits: all-ones random bytes encode as 16 Z's."""
-    monkeypatch.setattr("relay.ids.os.urandom", lambda n: b"\xff" * n)
+    monkeypatch.setattr("relay.ids._random.getrandbits", lambda bits: (1 << bits) - 1)
     assert ids.event_id(T0_MS)[14:] == "Z" * 16
 
 
 def test_ids_sort_by_creation_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """An id made a millisecond later sorts after, whatever the random parts are."""
-    monkeypatch.setattr("relay.ids.os.urandom", lambda n: b"\xff" * n)
+    monkeypatch.setattr("relay.ids._random.getrandbits", lambda bits: (1 << bits) - 1)
     earlier = ids.event_id(T0_MS)
-    monkeypatch.setattr("relay.ids.os.urandom", lambda n: b"\x00" * n)
+    monkeypatch.setattr("relay.ids._random.getrandbits", lambda bits: 0)
     later = ids.event_id(T0_MS + 1)
     assert earlier < later
 
@@ -120,7 +123,9 @@ def test_clock_going_backwards_does_not_reorder_ids() -> None:
 def test_new_millisecond_draws_fresh_randomness(monkeypatch: pytest.MonkeyPatch) -> None:
     """A new millisecond starts from new random bits rather than continuing the counter."""
     draws = iter([b"\x00" * 9 + b"\x05", b"\x00" * 9 + b"\x01"])
-    monkeypatch.setattr("relay.ids.os.urandom", lambda n: next(draws))
+    monkeypatch.setattr(
+        "relay.ids._random.getrandbits", lambda bits: int.from_bytes(next(draws), "big")
+    )
     first = ids.event_id(T0_MS)
     second = ids.event_id(T0_MS + 1)
     assert decode(first[14:]) == 5
@@ -131,7 +136,7 @@ def test_same_millisecond_stays_ordered_when_random_part_is_at_its_maximum(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Even if the random draw is all ones, the next id in that millisecond sorts after it."""
-    monkeypatch.setattr("relay.ids.os.urandom", lambda n: b"\xff" * n)
+    monkeypatch.setattr("relay.ids._random.getrandbits", lambda bits: (1 << bits) - 1)
     first = ids.event_id(T0_MS)
     second = ids.event_id(T0_MS)
     assert first < second
