@@ -1515,6 +1515,8 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         if getattr(old.server, name) != getattr(new.server, name):
             key = _SERVER_KEY_OF_FIELD.get(name, name)
             problems.append(f"server.{key} changed: a restart is needed to apply it")
+    if old.log != new.log:  # loggers are bound once, at first use
+        problems.append("log changed: a restart is needed to apply it")
     return problems
 
 

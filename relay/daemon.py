@@ -172,8 +172,6 @@ class Reloader:
         self._inbound.routing = Routing.of(new)  # atomic: the next request sees the new table
         removed = await self._running.deliverer.reconfigure(new, new.server.shutdown_grace_s)
         self._running.config = new
-        if new.log != old.log:
-            logs.configure(new.log.format, new.log.level)
         log.info("config.reloaded", **changes)
         self._running.metrics.config_reloads.labels("ok").inc()
         await _sweep_removed(self._running.journal, new)

@@ -174,6 +174,7 @@ class Lane:
         self._held: set[str] = set()  # in the window, in flight, or outcome not yet committed
         self._wake = asyncio.Event()  # new work may be due
         self._poke = asyncio.Event()  # the lane's own state changed (pause, reload, stop)
+        self._nothing_waiting = False  # paused, and nothing pending when last looked
         self._slots = asyncio.Semaphore(target.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -188,6 +189,9 @@ class Lane:
 
     def wake(self) -> None:
         self._wake.set()
+        if self._nothing_waiting:  # paused with an empty queue: max_age needs a new timer
+            self._nothing_waiting = False
+            self._poke.set()
 
     def retarget(self, target: TargetConfig) -> None:
         """A reload's new settings, from the next attempt on (in-flight ones finish as they are)."""
@@ -426,6 +430,7 @@ class Lane:
         except JournalError as error:
             log.error("journal.write_failed", error=str(error), target=self.target.name)
             return PAUSED_SWEEP_S
+        self._nothing_waiting = oldest_ms is None
         if oldest_ms is None:
             return PAUSED_SWEEP_S
         return max(0.05, (oldest_ms + max_age_s * 1000 - _now_ms()) / 1000)

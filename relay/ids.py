@@ -8,6 +8,7 @@ secret, and a system call per id costs the event loop a GIL hand-off on the hot 
 
 from __future__ import annotations
 
+import base64
 import os
 import random
 import threading
@@ -20,15 +21,29 @@ _last_ms = 0
 _last_random = 0
 
 
-_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # 10 bits -> two characters
+_B32_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
+_time_part: tuple[int, str] = (-1, "")
 
 
 def _encode(value: int, length: int) -> str:
-    """`value` as `length` Crockford base32 characters (length even: two at a time)."""
+    """`value` as `length` Crockford base32 characters."""
     chars = []
-    for shift in range(5 * (length - 2), -1, -10):
-        chars.append(_PAIRS[(value >> shift) & 1023])
-    return "".join(chars)
+    for _ in range(length):
+        chars.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def _encode_time(ms: int) -> str:
+    global _time_part
+    if _time_part[0] != ms:  # many ids share a millisecond: encode it once
+        _time_part = (ms, _encode(ms, 10))
+    return _time_part[1]
+
+
+def _encode_random(value: int) -> str:
+    """80 bits as 16 characters, in C: base32 of the 10 bytes, then the Crockford alphabet."""
+    return base64.b32encode(value.to_bytes(10, "big")).translate(_B32_TO_CROCKFORD).decode()
 
 
 def ulid(now_ms: int | None = None) -> str:
@@ -46,7 +61,8 @@ def ulid(now_ms: int | None = None) -> str:
             _last_ms = ms
             _last_random = _random.getrandbits(80)
         random_part = _last_random
-    return _encode(ms, 10) + _encode(random_part, 16)
+        time_part = _encode_time(ms)
+    return time_part + _encode_random(random_part)
 
 
 def event_id(now_ms: int | None = None) -> str:

@@ -78,7 +78,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
         logger_factory=factory,
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,  # one bind per module, not per line (hot path)
     )
 
 
