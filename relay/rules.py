@@ -317,9 +317,16 @@ def decode_body(content_encoding: str, body: bytes, max_bytes: int) -> bytes:
     return data
 
 
+_second: tuple[int, str] = (-1, "")
+
+
 def rfc3339_ms(ms: int) -> str:
     """Unix milliseconds as `2026-11-28T19:00:00.123Z`."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+    global _second
+    seconds = ms // 1000
+    if _second[0] != seconds:  # many events share a second: format it once
+        _second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+    return f"{_second[1]}.{ms % 1000:03d}Z"
 
 
 def request_document(
