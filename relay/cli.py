@@ -10,14 +10,16 @@ log lines, not prints.
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import ssl
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,10 @@ EXIT_UNAVAILABLE = 69
 EXIT_CONFIG = 78
 
 DEFAULT_CONFIG = Path("/etc/relay/relay.toml")
+ADMIN_TIMEOUT_S = 30.0
+TAIL_IDLE_TIMEOUT_S = 45.0  # the daemon sends a keep-alive every 15 s
+EVENT_STATUSES = ("pending", "delivered", "dead", "unrouted")
+SHOWN_BODY_CHARS = 4096
 
 
 def default_config_path() -> Path:
@@ -91,7 +97,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init = commands.add_parser("init", help="write a starter config with fresh secrets")
     init.add_argument("file", type=Path, nargs="?", default=Path("relay.toml"))
+    _admin_commands(with_config)
     return parser
+
+
+def _admin_commands(with_config: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """The commands that talk to the running daemon's admin API."""
+    json_help = "print the daemon's JSON answer as is, for scripts"
+    status = with_config("status", "per target: queue, in flight, pause; per source: counts")
+    status.add_argument("--json", action="store_true", help=json_help)
+    events = with_config("events", "list recent events, newest first")
+    events.add_argument("--source", help="only this source's events")
+    events.add_argument("--status", choices=EVENT_STATUSES, help="only events in this state")
+    events.add_argument("--limit", type=int, help="at most this many (default 50, at most 500)")
+    events.add_argument("--before", metavar="ID", help="only events older than this one (paging)")
+    events.add_argument("--json", action="store_true", help=json_help)
+    event = with_config("event", "one event: request, route decisions, deliveries, attempts")
+    event.add_argument("id", help="the event id (evt_...)")
+    event.add_argument("--json", action="store_true", help=json_help)
+    event.add_argument(
+        "--show-secrets", action="store_true", help="print credential headers unmasked"
+    )
+    replay = with_config(
+        "replay", "re-queue deliveries: an event's, or every dead one that matches"
+    )
+    replay.add_argument("ids", nargs="*", metavar="ID", help="events whose deliveries to re-queue")
+    replay.add_argument("--dead", action="store_true", help="re-queue dead deliveries")
+    replay.add_argument("--target", help="with --dead: only deliveries to this target")
+    replay.add_argument("--route", help="with --dead: only deliveries of this route")
+    replay.add_argument(
+        "--since",
+        metavar="DUR",
+        help='with --dead: events that arrived within "24h", or since a time',
+    )
+    replay.add_argument("--json", action="store_true", help=json_help)
+    tail = with_config("tail", "stream events live as they are accepted and delivered")
+    tail.add_argument("--source", help="only this source's events")
+    tail.add_argument("--json", action="store_true", help="print each record as a JSON line")
+    reload = with_config("reload", "ask the running daemon to reload its config (like SIGHUP)")
+    reload.add_argument("--json", action="store_true", help=json_help)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,6 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "init": cmd_init,
         "test": cmd_test,
         "send": cmd_send,
+        "status": cmd_status,
+        "events": cmd_events,
+        "event": cmd_event,
+        "replay": cmd_replay,
+        "tail": cmd_tail,
+        "reload": cmd_reload,
     }
     try:
         return handler[args.command](args)
@@ -328,3 +378,362 @@ def cmd_send(args: argparse.Namespace) -> int:
         return _fail(f"daemon unreachable at {request.full_url}: {reason}", EXIT_UNAVAILABLE)
     print(f"{status} {text}")
     return EXIT_OK if 200 <= status < 300 else EXIT_FAILURE
+
+
+# ---------------------------------------------------------------- the admin API's commands
+
+
+def _admin_url(config: Config, path: str) -> str:
+    address = config.server.admin
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)  # noqa: S104 - mapping, not binding
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{address.port}{path}"
+
+
+def _admin_request(
+    config: Config, method: str, path: str, body: bytes | None = None, accept: str | None = None
+) -> urllib.request.Request:
+    headers = {"Accept": accept or "application/json"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    if config.server.admin_token:
+        headers["Authorization"] = f"Bearer {config.server.admin_token}"
+    return urllib.request.Request(  # noqa: S310 - the URL is the daemon's own admin listener
+        _admin_url(config, path), data=body, headers=headers, method=method
+    )
+
+
+def _call(
+    config: Config, method: str, path: str, body: bytes | None = None
+) -> tuple[int, bytes] | int:
+    """(status, body) of one admin API request; exit 69 (after a message) when unreachable."""
+    request = _admin_request(config, method, path, body)
+    try:
+        with urllib.request.urlopen(request, timeout=ADMIN_TIMEOUT_S) as response:  # noqa: S310
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+        reason = getattr(error, "reason", error)
+        return _fail(f"daemon unreachable at {request.full_url}: {reason}", EXIT_UNAVAILABLE)
+
+
+def _decode(raw: bytes) -> dict[str, Any] | None:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _api(
+    config: Config, method: str, path: str, body: bytes | None = None
+) -> tuple[dict[str, Any], bytes] | int:
+    """The JSON answer (and its bytes) of a successful call; else an exit code after a message."""
+    answer = _call(config, method, path, body)
+    if isinstance(answer, int):
+        return answer
+    status, raw = answer
+    data = _decode(raw)
+    if data is None:
+        return _fail(
+            f"unexpected answer from {_admin_url(config, path)}: HTTP {status}", EXIT_FAILURE
+        )
+    if status >= 300:
+        return _fail(str(data.get("error") or f"HTTP {status}"), EXIT_FAILURE)
+    return data, raw
+
+
+def _print_raw(raw: bytes) -> None:
+    sys.stdout.write(raw.decode("utf-8", errors="replace").rstrip("\n") + "\n")
+
+
+def _table(rows: Sequence[Sequence[str]], numeric: Sequence[int] = ()) -> None:
+    """Columns two spaces apart; `numeric` columns right-aligned; the last one unpadded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [
+            cell.rjust(widths[i]) if i in numeric else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        cells[-1] = row[-1] if len(row) - 1 not in numeric else cells[-1]
+        print("  ".join(cells).rstrip())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if isinstance(config, int):
+        return config
+    answer = _api(config, "GET", "/api/status")
+    if isinstance(answer, int):
+        return answer
+    data, raw = answer
+    if args.json:
+        _print_raw(raw)
+        return EXIT_OK
+    targets: dict[str, dict[str, Any]] = data.get("targets") or {}
+    rows = [["TARGET", "QUEUE", "IN FLIGHT", "STATE", "LAST ERROR"]]
+    for name, target in targets.items():
+        state = str(target.get("state") or ("paused" if target.get("paused") else "open"))
+        if target.get("paused") and target.get("paused_until"):
+            state += f" until {target['paused_until']}"
+        rows.append(
+            [name, str(target.get("queue_depth", 0)), str(target.get("in_flight", 0)), state,
+             str(target.get("last_error") or "-")]
+        )  # fmt: skip
+    _table(rows, numeric=(1, 2))
+    print()
+    sources: dict[str, dict[str, Any]] = data.get("sources") or {}
+    fields = ("received", "accepted", "duplicate", "rejected")
+    rows = [["SOURCE", *(field.upper() for field in fields)]]
+    rows += [[name, *(str(counts.get(f, 0)) for f in fields)] for name, counts in sources.items()]
+    _table(rows, numeric=(1, 2, 3, 4))
+    print()
+    print("routes: " + (", ".join(data.get("routes") or []) or "none"))
+    since = f" since {data['started_at']}" if data.get("started_at") else ""
+    ready = "ready" if data.get("ready", True) else "NOT READY"
+    print(f"daemon: {ready}{since} (source counts are since then)")
+    return EXIT_OK
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if isinstance(config, int):
+        return config
+    query = {
+        name: value
+        for name, value in (
+            ("source", args.source),
+            ("status", args.status),
+            ("limit", None if args.limit is None else str(args.limit)),
+            ("before", args.before),
+        )
+        if value is not None
+    }
+    path = "/api/events" + ("?" + urllib.parse.urlencode(query) if query else "")
+    answer = _api(config, "GET", path)
+    if isinstance(answer, int):
+        return answer
+    data, raw = answer
+    if args.json:
+        _print_raw(raw)
+        return EXIT_OK
+    events: list[dict[str, Any]] = data.get("events") or []
+    if not events:
+        print("no events")
+        return EXIT_OK
+    rows = [["ID", "RECEIVED", "SOURCE", "STATUS", "DELIVERIES"]]
+    rows += [
+        [e["id"], e["received_at"], e["source"], e["status"], str(e.get("deliveries", 0))]
+        for e in events
+    ]
+    _table(rows, numeric=(4,))
+    if data.get("next"):
+        print(f"more: relay events --before {data['next']}")
+    return EXIT_OK
+
+
+def cmd_event(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if isinstance(config, int):
+        return config
+    answer = _api(config, "GET", "/api/events/" + urllib.parse.quote(args.id, safe=""))
+    if isinstance(answer, int):
+        return answer
+    data, raw = answer
+    if args.json:
+        _print_raw(raw)
+        return EXIT_OK
+    _print_event(data, args.show_secrets)
+    return EXIT_OK
+
+
+def _print_event(event: dict[str, Any], show_secrets: bool) -> None:
+    query = f"?{event['query']}" if event.get("query") else ""
+    print(f"{event['id']}  {event['status']}")
+    print(f"  {event['method']} {event['path']}{query}  source {event['source']}")
+    print(f"  received {event['received_at']}")
+    if event.get("finished_at"):
+        print(f"  finished {event['finished_at']}")
+    print("\nheaders")
+    headers = [(str(k), str(v)) for k, v in event.get("headers") or []]
+    for name, value in _shown_headers(headers, show_secrets):
+        print(f"  {name}: {value}")
+    body = str(event.get("body") or "")
+    print(f"\nbody ({'base64' if event.get('body_encoding') == 'base64' else 'text'})")
+    if body:
+        shown = body[:SHOWN_BODY_CHARS]
+        print("  " + shown.replace("\n", "\n  "))
+        if len(body) > SHOWN_BODY_CHARS:
+            print(f"  ... {len(body) - SHOWN_BODY_CHARS} more characters (--json shows all)")
+    print("\nroutes")
+    for route in event.get("routes") or []:
+        verdict = (
+            "match" if route.get("matched") else ("error" if route.get("error") else "no match")
+        )
+        error = f": {route['error']}" if route.get("error") else ""
+        print(f"  {verdict:<9} {route.get('name')}{error}")
+    if not event.get("routes"):
+        print("  none")
+    print("\ndeliveries")
+    for delivery in event.get("deliveries") or []:
+        attempts = delivery.get("attempts", 0)
+        line = (
+            f"  {delivery['id']}  {delivery['route']} -> {delivery['target']}  {delivery['status']}"
+        )
+        line += f" after {attempts} attempt{'s' if attempts != 1 else ''}"
+        if delivery.get("status") == "pending" and delivery.get("next_at"):
+            line += f", next at {delivery['next_at']}"
+        print(line)
+        if delivery.get("reason"):
+            print(f"    reason: {delivery['reason']}")
+        elif delivery.get("last_error"):
+            print(f"    last error: {delivery['last_error']}")
+        for attempt in delivery.get("attempt_log") or []:
+            outcome = f"HTTP {attempt['status']}" if attempt.get("status") is not None else ""
+            if attempt.get("error"):
+                outcome = f"{outcome} {attempt['error']}".strip()
+            ms = f"{attempt['ms']:.1f} ms"
+            print(f"    #{attempt['n']}  {attempt['at']}  {ms:>10}  {outcome or 'ok'}")
+    if not event.get("deliveries"):
+        print("  none")
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    if args.ids and args.dead:
+        return _fail("replay: give event ids or --dead, not both", EXIT_USAGE)
+    if not args.ids and not args.dead:
+        return _fail(
+            "replay: give event ids, or --dead [--target T] [--route R] [--since DUR]", EXIT_USAGE
+        )
+    if args.ids and (args.target or args.route or args.since):
+        return _fail("replay: --target, --route and --since go with --dead", EXIT_USAGE)
+    config = _load(args)
+    if isinstance(config, int):
+        return config
+    requests: list[tuple[str, bytes]]
+    if args.dead:
+        chosen = {"target": args.target, "route": args.route, "since": args.since}
+        body = {"status": "dead", **{k: v for k, v in chosen.items() if v is not None}}
+        requests = [("/api/replay", orjson.dumps(body))]
+    else:
+        requests = [
+            (f"/api/events/{urllib.parse.quote(event_id, safe='')}/replay", b"")
+            for event_id in args.ids
+        ]
+    requeued = skipped = answered = 0
+    code = EXIT_OK
+    for path, body_bytes in requests:
+        answer = _api(config, "POST", path, body_bytes)
+        if isinstance(answer, int):
+            if answer == EXIT_UNAVAILABLE:
+                return answer
+            code = answer  # the error is printed; the other events are still replayed
+            continue
+        answered += 1
+        requeued += int(answer[0].get("requeued", 0))
+        skipped += int(answer[0].get("skipped", 0))
+    if not answered:
+        return code
+    if args.json:
+        sys.stdout.write(orjson.dumps({"requeued": requeued, "skipped": skipped}).decode() + "\n")
+        return code
+    line = f"requeued {requeued} deliver{'y' if requeued == 1 else 'ies'}"
+    if skipped:
+        line += f"; skipped {skipped} whose target is not in the daemon's config"
+    print(line)
+    return code
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if isinstance(config, int):
+        return config
+    query = "?" + urllib.parse.urlencode({"source": args.source}) if args.source else ""
+    request = _admin_request(config, "GET", "/api/tail" + query, accept="text/event-stream")
+    try:
+        return _follow(request, args.json)
+    except KeyboardInterrupt:  # Ctrl-C is how a tail ends
+        return EXIT_OK
+
+
+def _follow(request: urllib.request.Request, as_json: bool) -> int:
+    """Print the SSE records of `request` until the stream ends (exit 69) or Ctrl-C."""
+    try:
+        response = urllib.request.urlopen(request, timeout=TAIL_IDLE_TIMEOUT_S)  # noqa: S310
+    except urllib.error.HTTPError as error:
+        data = _decode(error.read()) or {}
+        return _fail(str(data.get("error") or f"HTTP {error.code}"), EXIT_FAILURE)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+        reason = getattr(error, "reason", error)
+        return _fail(f"daemon unreachable at {request.full_url}: {reason}", EXIT_UNAVAILABLE)
+    data_lines: list[str] = []
+    try:
+        with response:
+            for raw in response:
+                line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                if line.startswith("data:"):
+                    data_lines.append(line[5:].removeprefix(" "))
+                elif not line and data_lines:  # a blank line ends one record
+                    text = "\n".join(data_lines)
+                    data_lines = []
+                    print(text if as_json else _tail_line(text), flush=True)
+    except (OSError, http.client.HTTPException) as error:
+        return _fail(f"lost the daemon: {error}", EXIT_UNAVAILABLE)
+    return _fail("the daemon closed the stream (stopping?)", EXIT_UNAVAILABLE)
+
+
+def _tail_line(text: str) -> str:
+    """One readable line per tail record."""
+    record = _decode(text.encode()) or {}
+    at = str(record.get("at", ""))
+    kind = record.get("kind")
+    if kind == "event.accepted":
+        routes = ",".join(record.get("routes") or []) or "-"
+        return (
+            f"{at}  accepted   {record.get('event_id')}  source={record.get('source')}"
+            f" routes={routes} deliveries={record.get('deliveries')}"
+        )
+    if kind == "delivery.attempt":
+        outcome = str(record.get("outcome"))
+        result = f"HTTP {record['status']}" if record.get("status") is not None else ""
+        if record.get("error"):
+            result = f"{result} {record['error']}".strip()
+        line = (
+            f"{at}  {outcome:<9}  {record.get('delivery_id')}  {record.get('event_id')}"
+            f" -> {record.get('target')} attempt {record.get('attempt')}:"
+            f" {result or 'ok'} in {record.get('ms')} ms"
+        )
+        reason, error = str(record.get("reason") or ""), str(record.get("error") or "")
+        if outcome == "dead" and reason and not (error and error in reason):
+            line += f" ({reason})"
+        return line
+    if kind == "tail.dropped":
+        return f"{at}  ({record.get('dropped')} records dropped so far: the reader was too slow)"
+    return text
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if isinstance(config, int):
+        return config
+    answer = _call(config, "POST", "/api/reload", b"")
+    if isinstance(answer, int):
+        return answer
+    status, raw = answer
+    data = _decode(raw)
+    if data is None:
+        return _fail(f"unexpected answer to reload: HTTP {status}", EXIT_FAILURE)
+    if args.json:
+        _print_raw(raw)
+    if status == 200 and data.get("ok") is True:
+        if not args.json:
+            print("reloaded")
+        return EXIT_OK
+    if status == 200 and data.get("ok") is False:
+        if not args.json:
+            for line in data.get("errors") or []:
+                print(line, file=sys.stderr)
+            print("relay: reload refused; the daemon keeps its running config", file=sys.stderr)
+        return EXIT_CONFIG
+    return _fail(str(data.get("error") or f"HTTP {status}"), EXIT_FAILURE)

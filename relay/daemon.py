@@ -16,9 +16,11 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from relay import __version__, logs
+from relay.admin import AdminApi
 from relay.config import ConfigError, config_changes, load, restart_needed
 from relay.delivery import Deliverer, open_deliverer
 from relay.ingress import (
@@ -31,7 +33,7 @@ from relay.ingress import (
     make_ssl_context,
 )
 from relay.journal import Journal, JournalError, open_journal
-from relay.metrics import Metrics
+from relay.metrics import Metrics, TargetState
 from relay.model import Config
 from relay.netpolicy import NetworkPolicy
 from relay.notify import Notifier
@@ -74,14 +76,22 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -
         metrics = Metrics()
         journal.set_commit_observer(metrics.observe_commit)
         deliverer = await stack.enter_async_context(open_deliverer(journal, network, tail, metrics))
+        api = AdminApi(journal, deliverer, tail, health, current_config=lambda: config)
         admin = await listen(
-            admin_handler(health),
+            admin_handler(health, api=api, metrics=_metrics_page(metrics, journal, deliverer)),
             server.admin,
             idle_timeout_s=server.idle_timeout_s,
             shutdown_timeout_s=1.0,
         )
         stack.push_async_callback(admin.runner.cleanup)
-        inbound_handler = Inbound(Routing.of(config), journal, deliverer.notify, tail)
+        inbound_handler = Inbound(
+            Routing.of(config),
+            journal,
+            deliverer.notify,
+            tail,
+            counters=api.counters,
+            metrics=metrics,
+        )
         ssl_context = (
             make_ssl_context(str(server.tls_cert), str(server.tls_key))
             if server.tls_cert and server.tls_key
@@ -104,6 +114,8 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -
         notifier = Notifier()
         notifier.send("READY=1", f"STATUS=serving on {inbound.address}")
         reloader = Reloader(running, inbound_handler, notifier)
+        api.current_config = lambda: running.config
+        api.reload = reloader.reload
         reloads = asyncio.create_task(_serve_reload_requests(reload_requests, reloader))
         watchdog = _start_watchdog(notifier)
         await trigger.wait()
@@ -128,6 +140,22 @@ async def shutdown(running: Running) -> None:
     cut = await running.deliverer.stop(running.config.server.shutdown_grace_s)
     if cut:
         log.warning("relay.grace_exceeded", cancelled=cut, note="left pending in the journal")
+
+
+def _metrics_page(
+    metrics: Metrics, journal: Journal, deliverer: Deliverer
+) -> Callable[[], Awaitable[tuple[bytes, str]]]:
+    """/metrics: the scrape-time gauges come from the journal and the lanes."""
+
+    async def page() -> tuple[bytes, str]:
+        depths = await journal.queue_depths()
+        states = {
+            name: TargetState(lane.in_flight, lane.pause.state != "open")
+            for name, lane in deliverer.lanes.items()
+        }
+        return metrics.render(depths, states, journal.path)
+
+    return page
 
 
 class Reloader:

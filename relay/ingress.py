@@ -4,19 +4,23 @@ This module is the only one that imports `aiohttp.web`. It owns the inbound
 listener (SPEC §3): route by path and method, `allow_from`, the declared and
 the actual body size, the body's `read_timeout`, parsing for the rules, route
 decisions, the journal append (the reply is sent only after the commit) and
-the reply; and the admin listener's `/healthz` and `/readyz` (SPEC §6). It
-never speaks SQL: it hands a `NewEvent` to the journal. Bad input of any kind
-gets a 4xx with a one-line reason and an `event.rejected` log line.
+the reply; and the admin listener (SPEC §6): `/healthz`, `/readyz`, `/metrics`,
+and the HTTP side of the admin API (`relay.admin` answers; `/api/tail` is streamed
+here as Server-Sent Events). It never speaks SQL: it hands a `NewEvent` to the
+journal. Bad input of any kind gets a 4xx with a one-line reason and an
+`event.rejected` log line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+import inspect
 import ipaddress
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,12 +30,14 @@ from aiohttp.web_exceptions import HTTPException
 from aiohttp.web_protocol import RequestPayloadError
 
 from relay import ids, logs
+from relay.admin import AdminApi, RequestCounter, RequestOutcome
 from relay.journal import Journal, JournalError, NewDelivery, NewEvent
+from relay.metrics import Metrics
 from relay.model import Address, Config, Rate, SourceConfig
 from relay.policy import TokenBucket, retry_after_header
 from relay.rules import BodyError, RouteSet, order_key, request_document
 from relay.signing import Verdict, verify
-from relay.tail import Tail
+from relay.tail import Subscription, Tail
 
 log = logs.get_logger()
 
@@ -113,11 +119,16 @@ class Inbound:
         journal: Journal,
         on_accepted: Callable[[Sequence[str]], None],
         tail: Tail,
+        *,
+        counters: RequestCounter | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.routing = routing
         self._journal = journal
         self._on_accepted = on_accepted
         self._tail = tail
+        self._counters = counters  # told the outcome of every request that reached a source
+        self._metrics = metrics
         self._buckets: dict[str, tuple[Rate, int | None, TokenBucket]] = {}
 
     def check_rate(self, source: SourceConfig) -> None:
@@ -140,11 +151,24 @@ class Inbound:
         started = time.perf_counter()
         routing = self.routing  # one config for the whole request, even across a reload
         source = routing.by_path.get(request.path)
+        response = await self._answer(request, routing, source, started)
+        if self._metrics is not None:
+            self._metrics.requests.labels(source.name if source else "", response.status).inc()
+        return response
+
+    async def _answer(
+        self,
+        request: web.BaseRequest,
+        routing: Routing,
+        source: SourceConfig | None,
+        started: float,
+    ) -> web.StreamResponse:
         try:
             if source is None:
                 raise Rejected(404, f"no source at {request.path}")
             return await self._accept(request, routing, source, started)
         except Rejected as rejected:
+            self._count(source, "rejected")
             log.info(
                 "event.rejected",
                 source=source.name if source else None,
@@ -158,13 +182,23 @@ class Inbound:
                 response.force_close()  # the rest of the body is not worth reading
             return response
 
+    def _count(self, source: SourceConfig | None, outcome: RequestOutcome) -> None:
+        if source is None:
+            return
+        if self._counters is not None:
+            self._counters.count(source.name, outcome)
+        if self._metrics is not None:
+            self._metrics.events.labels(source.name, outcome).inc()
+
     async def _accept(
         self, request: web.BaseRequest, routing: Routing, source: SourceConfig, started: float
     ) -> web.StreamResponse:
         check_peer(request, source)
         self.check_rate(source)
         if source.challenge == "meta" and request.method == "GET":
-            return meta_handshake(request, source)
+            response = meta_handshake(request, source)
+            self._count(source, "handshake")
+            return response
         check_request(request, source)
         body = await read_body(request, source.max_body_bytes, routing.config.server.read_timeout_s)
         received_ms = time.time_ns() // 1_000_000
@@ -187,6 +221,7 @@ class Inbound:
             raise Rejected(error.status, str(error)) from None
         if source.challenge == "slack" and is_slack_challenge(document):
             log.info("event.handshake", source=source.name, provider="slack")
+            self._count(source, "handshake")
             return _json(200, {"challenge": document["body"]["challenge"]})
         route_set = routing.routes[source.name]
         decisions = route_set.decide(document)
@@ -220,6 +255,7 @@ class Inbound:
         original = await self._append(event)
         if original is not None:
             log.info("event.duplicate", event_id=original, source=source.name, dedupe_key=key)
+            self._count(source, "duplicate")
             return _json(200, {"id": original, "duplicate": True})
         if deliveries:
             self._on_accepted(sorted({d.target for d in deliveries}))
@@ -237,6 +273,7 @@ class Inbound:
             bytes=len(body),
             ms=round((time.perf_counter() - started) * 1000, 3),
         )
+        self._count(source, "accepted")
         return _json(source.ack_status, {"id": event_id, "deliveries": len(deliveries)})
 
     async def _append(self, event: NewEvent) -> str | None:
@@ -338,6 +375,12 @@ def _peer_allowed(remote: str | None, source: SourceConfig) -> bool:
 
 async def read_body(request: web.BaseRequest, max_body_bytes: int, timeout_s: float) -> bytes:
     """The whole body within `timeout_s` (408) and `max_body_bytes` (413)."""
+    content = request.content
+    if content.is_eof():  # the usual small webhook: it all came with the headers
+        body = content.read_nowait()
+        if len(body) > max_body_bytes:
+            raise Rejected(413, f"body exceeds max_body {max_body_bytes} bytes")
+        return body
     chunks: list[bytes] = []
     size = 0
     try:
@@ -359,8 +402,21 @@ async def read_body(request: web.BaseRequest, max_body_bytes: int, timeout_s: fl
     return b"".join(chunks)
 
 
-def admin_handler(health: Health) -> Callable[[web.BaseRequest], Any]:
-    """The admin listener: /healthz and /readyz (the admin API comes later)."""
+ADMIN_BODY_BYTES = 64 * 1024
+ADMIN_READ_TIMEOUT_S = 10.0
+MetricsFn = Callable[[], tuple[bytes, str] | Awaitable[tuple[bytes, str]]]
+
+
+def admin_handler(
+    health: Health, *, api: AdminApi | None = None, metrics: MetricsFn | None = None
+) -> Callable[[web.BaseRequest], Any]:
+    """The admin listener (SPEC §6): /healthz, /readyz, /metrics and the API under /api/.
+
+    /healthz, /readyz and /metrics are open. /api/* is `relay.admin.AdminApi`'s, which
+    checks `server.admin_token`; this adapter only moves HTTP in and out of it, and
+    serves `GET /api/tail` as Server-Sent Events. `metrics` returns (body, content type),
+    directly or as an awaitable; without it /metrics is a 404, as is /api/* without `api`.
+    """
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         if request.path == "/healthz":
@@ -371,9 +427,65 @@ def admin_handler(health: Health) -> Callable[[web.BaseRequest], Any]:
             if health.ready:
                 return _json(200, {"ready": True})
             return _json(503, {"ready": False, "reason": _not_ready_reason(health)})
+        if request.path == "/metrics" and metrics is not None:
+            rendered = metrics()
+            body, content_type = await rendered if inspect.isawaitable(rendered) else rendered
+            return web.Response(status=200, body=body, headers={"Content-Type": content_type})
+        if api is not None and (request.path == "/api" or request.path.startswith("/api/")):
+            return await _admin_api(api, request)
         return _json(404, {"error": f"no such endpoint {request.path}"})
 
     return handle
+
+
+async def _admin_api(api: AdminApi, request: web.BaseRequest) -> web.StreamResponse:
+    authorization = request.headers.get("Authorization")
+    query = {name: request.query[name] for name in request.query}  # the first of repeats
+    if request.method == "GET" and request.path.rstrip("/") == "/api/tail":
+        opened = api.open_tail(query, authorization)
+        if isinstance(opened, tuple):
+            return _api_json(*opened)
+        async with opened as subscription:  # subscribed before the client sees the stream
+            return await _stream_tail(api, subscription, request)
+    body = b""
+    if request.method not in ("GET", "HEAD"):
+        try:
+            body = await read_body(request, ADMIN_BODY_BYTES, ADMIN_READ_TIMEOUT_S)
+        except Rejected as rejected:
+            return _json(rejected.status, {"error": rejected.public})
+    try:
+        status, payload = await api.handle(request.method, request.path, query, body, authorization)
+    except Exception:  # a bug must answer 500 with a log line, never stop the daemon
+        log.exception("admin.internal_error", method=request.method, path=request.path)
+        return _json(500, {"error": "internal error (see the daemon's log)"})
+    return _api_json(status, payload)
+
+
+def _api_json(status: int, payload: dict[str, Any]) -> web.Response:
+    headers = {"WWW-Authenticate": 'Bearer realm="relay"'} if status == 401 else None
+    return _json(status, payload, headers)
+
+
+async def _stream_tail(
+    api: AdminApi, subscription: Subscription, request: web.BaseRequest
+) -> web.StreamResponse:
+    """`GET /api/tail` as Server-Sent Events, until the client goes or the daemon stops."""
+    response = web.StreamResponse(
+        status=200,
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # nginx: pass each record on at once
+        },
+    )
+    await response.prepare(request)
+    async with contextlib.aclosing(api.tail_frames(subscription)) as frames:
+        try:
+            async for frame in frames:
+                await response.write(frame)
+        except ConnectionError:  # the client went away
+            return response
+    return response
 
 
 def _not_ready_reason(health: Health) -> str:

@@ -710,7 +710,10 @@ def _requeue(selection: Replay, known_targets: frozenset[str], now_ms: int) -> W
 class Journal:
     """The durable store; use `async with open_journal(...) as journal`."""
 
-    def __init__(self, writer: _Writer, reader: aiosqlite.Connection, synchronous: str) -> None:
+    def __init__(
+        self, writer: _Writer, reader: aiosqlite.Connection, synchronous: str, path: Path
+    ) -> None:
+        self.path = path
         self._writer = writer
         self._reader = reader
         self.synchronous = synchronous  # as read back from SQLite: "full" or "normal"
@@ -985,7 +988,7 @@ async def open_journal(path: Path, sync: str) -> AsyncIterator[Journal]:
         await reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         writer.start()
         # PRAGMA synchronous reads back 2 for FULL and 1 for NORMAL.
-        yield Journal(writer, reader, {2: "full", 1: "normal"}.get(level, str(level)))
+        yield Journal(writer, reader, {2: "full", 1: "normal"}.get(level, str(level)), path)
     finally:
         await asyncio.to_thread(writer.stop)
         await reader.close()
