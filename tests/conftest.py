@@ -167,6 +167,7 @@ class Daemon:
     config_path: Path
     env: dict[str, str] = field(default_factory=dict)
     lines: list[dict[str, Any]] = field(default_factory=list)
+    raw_lines: list[bytes] = field(default_factory=list)  # stdout exactly as written
     stderr: list[str] = field(default_factory=list)
     process: asyncio.subprocess.Process | None = None
     listen: str = ""
@@ -206,6 +207,7 @@ class Daemon:
     async def _read_stdout(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
         async for raw in process.stdout:
+            self.raw_lines.append(raw)
             line = raw.strip()
             if line.startswith(b"<"):  # a journald priority prefix
                 line = line[line.index(b">") + 1 :]

@@ -125,3 +125,19 @@ async def test_log_lines_are_json_with_spec_fields_and_no_secrets(
     assert TOKEN not in captured
     assert SIGNATURE not in captured
     assert "deadbeef" not in captured
+
+
+async def test_journald_gets_the_syslog_priority_of_each_line(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Under journald (JOURNAL_STREAM set) error lines start with <3>: `journalctl -p err` works."""
+    svc = await receivers()
+    svc.default = (400, {}, b"no")
+    daemon = await daemons(
+        relay_config(tmp_path, svc.url), env={"JOURNAL_STREAM": "8:4242", "RELAY_TEST_TOKEN": "t"}
+    )
+    _, reply, _ = await daemon.post("/hooks/app", {"x": 1})
+    await daemon.wait_log("delivery.dead", event_id=reply["id"])
+    by_event = {orjson.loads(raw[3:])["event"]: raw for raw in daemon.raw_lines}
+    assert by_event["relay.started"].startswith(b"<6>{")
+    assert by_event["delivery.dead"].startswith(b"<3>{")

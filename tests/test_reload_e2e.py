@@ -148,3 +148,44 @@ async def test_a_removed_target_leaves_its_deliveries_dead_and_others_untouched(
     await daemon.wait_log("delivery.succeeded", event_id=reply["id"], target="a")
     rows = daemon.query("SELECT target, status, last_error FROM deliveries ORDER BY target")
     assert rows == [("a", "delivered", None), ("b", "dead", "target removed")]
+
+
+async def test_a_removed_target_can_be_re_added_and_its_dead_deliveries_replayed(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Remove a target, re-add it, replay its dead deliveries: they arrive."""
+    a, b = await receivers(), await receivers()
+    b.default = (503, {}, b"down")
+    port = free_port()
+    with_b = config(tmp_path, port, a, b, extra_route=True).replace(
+        'url = "' + b.url + '"', 'url = "' + b.url + '"\nretry = { first = "1h", max = "1h" }'
+    )
+    daemon = await daemons(with_b)
+    _, reply, _ = await daemon.post("/hooks/app", {"copy": True})
+    await eventually(lambda: len(b.requests) == 1)
+    daemon.config_path.write_text(
+        config(tmp_path, port, a, b, extra_route=False).replace(
+            f'[targets.b]\nurl = "{b.url}"\n', ""
+        )
+    )
+    await reload_and_wait(daemon, "config.reloaded")
+    await daemon.wait_log("delivery.dead", event_id=reply["id"], target="b")
+    b.default = (200, {}, b"ok")
+    daemon.config_path.write_text(with_b)
+    readded = await reload_and_wait(daemon, "config.reloaded")
+    assert readded["targets_added"] == ["b"]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            daemon.admin_url("/api/replay"), json={"status": "dead", "target": "b"}
+        ) as response,
+    ):
+        assert (response.status, await response.json()) == (200, {"requeued": 1, "skipped": 0})
+    await eventually(lambda: len(b.requests) == 2)
+    assert b.requests[-1].headers["X-Relay-Event-Id"] == reply["id"]
+    await eventually(
+        lambda: (
+            daemon.query("SELECT status FROM events WHERE id = ?", (reply["id"],))
+            == [("delivered",)]
+        )
+    )
