@@ -270,18 +270,26 @@ class _Writer:
 
     def _transaction(self, fns: list[WriteFn]) -> list[Any]:
         conn = self._conn
-        bulk = [fn.event for fn in fns if isinstance(fn, _Append) and fn.bulk]
+        appends = [fn.event for fn in fns if isinstance(fn, _Append) and fn.bulk]
+        records = [fn.record for fn in fns if isinstance(fn, _Record)]
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if bulk:
-                _insert_events(conn, bulk)
-            results = [None if isinstance(fn, _Append) and fn.bulk else fn(conn) for fn in fns]
+            if appends:
+                _insert_events(conn, appends)
+            if records:
+                _record_attempts(conn, records)
+            results = [None if _batched(fn) else fn(conn) for fn in fns]
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise
         return results
+
+
+def _batched(fn: WriteFn) -> bool:
+    """Writes that `_transaction` does together, with one statement per kind."""
+    return isinstance(fn, _Record) or (isinstance(fn, _Append) and fn.bulk)
 
 
 def _settle(batch: list[_Write], results: list[Any] | None, error: Exception | None) -> None:
@@ -394,40 +402,44 @@ WHERE id = :e
 """
 
 
-def _record(record: AttemptRecord) -> WriteFn:
-    def write(conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "INSERT OR REPLACE INTO attempts (delivery_id, n, started_at_ms, ms, status, error,"
-            " response) VALUES (?,?,?,?,?,?,?)",
-            (
-                record.delivery_id,
-                record.n,
-                record.started_at_ms,
-                record.ms,
-                record.status,
-                record.error,
-                record.response,
-            ),
-        )
-        last_error = (
-            record.reason
-            if record.outcome == "dead"
-            else record.error
-            or (
-                None
-                if record.status is None or record.outcome == "delivered"
-                else f"HTTP {record.status}"
-            )
-        )
-        conn.execute(
-            "UPDATE deliveries SET status = ?, attempts = ?, next_at_ms = ?, last_error = ?"
-            " WHERE id = ?",
-            (record.outcome, record.n, record.next_at_ms, last_error, record.delivery_id),
-        )
-        if record.outcome != "pending":
-            conn.execute(_EVENT_STATUS_SQL, {"e": record.event_id, "now": now_ms()})
+def _last_error(record: AttemptRecord) -> str | None:
+    if record.outcome == "dead":
+        return record.reason
+    if record.error is not None:
+        return record.error
+    if record.status is None or record.outcome == "delivered":
+        return None
+    return f"HTTP {record.status}"
 
-    return write
+
+def _record_attempts(conn: sqlite3.Connection, records: Sequence[AttemptRecord]) -> None:
+    """Attempts and the deliveries' new states: three statements, however many attempts."""
+    conn.executemany(
+        "INSERT OR REPLACE INTO attempts (delivery_id, n, started_at_ms, ms, status, error,"
+        " response) VALUES (?,?,?,?,?,?,?)",
+        [(r.delivery_id, r.n, r.started_at_ms, r.ms, r.status, r.error, r.response)
+         for r in records],
+    )  # fmt: skip
+    conn.executemany(
+        "UPDATE deliveries SET status = ?, attempts = ?, next_at_ms = ?, last_error = ?"
+        " WHERE id = ?",
+        [(r.outcome, r.n, r.next_at_ms, _last_error(r), r.delivery_id) for r in records],
+    )
+    stamp = now_ms()
+    finished = {r.event_id for r in records if r.outcome != "pending"}
+    conn.executemany(_EVENT_STATUS_SQL, [{"e": event_id, "now": stamp} for event_id in finished])
+
+
+class _Record:
+    """The write of one attempt's outcome; those that meet in one transaction go together."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: AttemptRecord) -> None:
+        self.record = record
+
+    def __call__(self, conn: sqlite3.Connection) -> None:
+        _record_attempts(conn, [self.record])
 
 
 def _expire(delivery_id: str, event_id: str, reason: str) -> WriteFn:
@@ -742,7 +754,7 @@ class Journal:
 
     async def record(self, record: AttemptRecord) -> None:
         """Commit an attempt and the delivery's new state (group-committed)."""
-        await self._write(_record(record))
+        await self._write(_Record(record))
 
     async def expire(self, delivery_id: str, event_id: str, reason: str) -> None:
         """Mark a delivery dead without an attempt (its max_age passed while it waited)."""
