@@ -41,6 +41,9 @@ from relay.tail import Subscription, Tail
 
 log = logs.get_logger()
 
+JSON_TYPE = "application/json; charset=utf-8"
+_JSON_HEADERS = {"Content-Type": JSON_TYPE}
+
 READ_CHUNK_BYTES = 64 * 1024
 JOURNAL_RETRY_AFTER_S = 5
 MAX_HEADERS = 100
@@ -102,11 +105,11 @@ class Rejected(Exception):
 
 
 def _json(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> web.Response:
+    # The header given whole: aiohttp's content_type= parses and rebuilds it on every call.
     return web.Response(
         status=status,
         body=orjson.dumps(payload),
-        content_type="application/json",
-        headers=headers,
+        headers={**headers, "Content-Type": JSON_TYPE} if headers else _JSON_HEADERS,
     )
 
 
@@ -153,7 +156,7 @@ class Inbound:
         source = routing.by_path.get(request.path)
         response = await self._answer(request, routing, source, started)
         if self._metrics is not None:
-            self._metrics.requests.labels(source.name if source else "", response.status).inc()
+            self._metrics.count_request(source.name if source else "", response.status)
         return response
 
     async def _answer(
@@ -188,7 +191,7 @@ class Inbound:
         if self._counters is not None:
             self._counters.count(source.name, outcome)
         if self._metrics is not None:
-            self._metrics.events.labels(source.name, outcome).inc()
+            self._metrics.count_event(source.name, outcome)
 
     async def _accept(
         self, request: web.BaseRequest, routing: Routing, source: SourceConfig, started: float

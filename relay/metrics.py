@@ -74,6 +74,23 @@ class Metrics:
         self.config_reloads = Counter(
             "relay_config_reloads_total", "Config reloads by result", ["result"], registry=r
         )
+        self._requests: dict[tuple[str, int], Counter] = {}
+        self._events: dict[tuple[str, str], Counter] = {}
+
+    def count_request(self, source: str, code: int) -> None:
+        """relay_requests_total{source,code} += 1 (children cached: labels() is slow)."""
+        key = (source, code)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(source, str(code))
+        child.inc()
+
+    def count_event(self, source: str, outcome: str) -> None:
+        key = (source, outcome)
+        child = self._events.get(key)
+        if child is None:
+            child = self._events[key] = self.events.labels(source, outcome)
+        child.inc()
 
     def observe_commit(self, seconds: float, _writes: int) -> None:
         self.journal_commit_seconds.observe(seconds)
