@@ -444,11 +444,7 @@ class _Record:
 
 def _expire(delivery_id: str, event_id: str, reason: str) -> WriteFn:
     def write(conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "UPDATE deliveries SET status = 'dead', last_error = ? WHERE id = ?",
-            (reason, delivery_id),
-        )
-        conn.execute(_EVENT_STATUS_SQL, {"e": event_id, "now": now_ms()})
+        _make_dead(conn, [(delivery_id, event_id)], reason)
 
     return write
 
@@ -519,6 +515,21 @@ def _drain(target: str, now_ms: int, limit: int) -> WriteFn:
     return write
 
 
+def _make_dead(
+    conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], reason: str
+) -> list[tuple[str, str]]:
+    """Deliveries (id, event_id) end dead with `reason`; their events' status follows."""
+    conn.executemany(
+        "UPDATE deliveries SET status = 'dead', last_error = ? WHERE id = ?",
+        [(reason, row[0]) for row in rows],
+    )
+    stamp = now_ms()
+    conn.executemany(
+        _EVENT_STATUS_SQL, [{"e": event_id, "now": stamp} for event_id in {row[1] for row in rows}]
+    )
+    return [(str(row[0]), str(row[1])) for row in rows]
+
+
 def _expire_older(target: str, created_before_ms: int, reason: str, limit: int) -> WriteFn:
     # Delivery ids are ULIDs of the arrival time: the primary key finds the old ones.
     below_id = "dlv_" + ulid_floor(created_before_ms)
@@ -529,14 +540,7 @@ def _expire_older(target: str, created_before_ms: int, reason: str, limit: int) 
             " AND status = 'pending' AND created_at_ms < ? LIMIT ?",
             (below_id, target, created_before_ms, limit),
         ).fetchall()
-        conn.executemany(
-            "UPDATE deliveries SET status = 'dead', last_error = ? WHERE id = ?",
-            [(reason, row[0]) for row in rows],
-        )
-        stamp = now_ms()
-        for event_id in {row[1] for row in rows}:
-            conn.execute(_EVENT_STATUS_SQL, {"e": event_id, "now": stamp})
-        return [(str(row[0]), str(row[1])) for row in rows]
+        return _make_dead(conn, rows, reason)
 
     return write
 
@@ -550,14 +554,7 @@ def _kill_pending(column: str, name: str, reason: str, limit: int) -> WriteFn:
             " LIMIT ?",
             (name, limit),
         ).fetchall()
-        conn.executemany(
-            "UPDATE deliveries SET status = 'dead', last_error = ? WHERE id = ?",
-            [(reason, row[0]) for row in rows],
-        )
-        stamp = now_ms()
-        for event_id in {row[1] for row in rows}:
-            conn.execute(_EVENT_STATUS_SQL, {"e": event_id, "now": stamp})
-        return [(str(row[0]), str(row[1])) for row in rows]
+        return _make_dead(conn, rows, reason)
 
     return write
 
