@@ -42,7 +42,11 @@ def make_backlog(journal: Path, count: int, target: str = "svc", body: bytes = b
         def events() -> Iterator[tuple[object, ...]]:
             for i in range(count):
                 yield (f"evt_{i:026d}", "app", now_ms - count + i, "POST", "/hooks/app", "",
-                       HEADERS_JSON, body, "pending", "[]")  # fmt: skip
+                       "pending", "[]")  # fmt: skip
+
+        def payloads() -> Iterator[tuple[object, ...]]:
+            for i in range(count):
+                yield (f"evt_{i:026d}", HEADERS_JSON, body)
 
         def deliveries() -> Iterator[tuple[object, ...]]:
             for i in range(count):
@@ -50,9 +54,12 @@ def make_backlog(journal: Path, count: int, target: str = "svc", body: bytes = b
                 yield (f"dlv_{i:026d}", f"evt_{i:026d}", "r", target, "pending", 0, at, at)
 
         conn.executemany(
-            "INSERT INTO events (id, source, received_at_ms, method, path, query, headers, body,"
-            " status, routes) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO events (id, source, received_at_ms, method, path, query, status,"
+            " routes) VALUES (?,?,?,?,?,?,?,?)",
             events(),
+        )
+        conn.executemany(
+            "INSERT INTO payloads (event_id, headers, body) VALUES (?,?,?)", payloads()
         )
         conn.executemany(
             "INSERT INTO deliveries (id, event_id, route, target, status, attempts, next_at_ms,"

@@ -53,7 +53,10 @@ async def test_accepted_webhook_replies_after_commit(
     status, reply, headers = await daemon.post("/hooks/app", b'{"a": 1}')
     assert status == 202
     assert headers["Content-Type"].startswith("application/json")
-    rows = daemon.query("SELECT id, source, body, method, path FROM events")
+    rows = daemon.query(
+        "SELECT e.id, e.source, p.body, e.method, e.path"
+        " FROM events e JOIN payloads p ON p.event_id = e.id"
+    )
     assert rows == [(reply["id"], "app", b'{"a": 1}', "POST", "/hooks/app")]
     accepted = daemon.find("event.accepted", event_id=reply["id"])
     assert accepted is not None
@@ -102,7 +105,7 @@ async def test_non_json_bodies_are_accepted_as_sent(tmp_path: Path, daemons: Dae
         "/hooks/app", b"\xff\xfe not utf-8", {"Content-Type": "text/plain"}
     )
     assert status == 202
-    assert daemon.query("SELECT body FROM events ORDER BY id") == [
+    assert daemon.query("SELECT body FROM payloads ORDER BY event_id") == [
         (form,),
         (b"\xff\xfe not utf-8",),
     ]

@@ -182,10 +182,13 @@ async def test_retention_and_checkpoint_run_from_the_start(
         conn.execute("UPDATE events SET received_at_ms = ?", (old_ms,))
         for n in range(3):
             conn.execute(
-                "INSERT INTO events (id, source, received_at_ms, method, path, query, headers,"
-                " body, status, routes) VALUES (?, 'app', ?, 'POST', '/hooks/app', '', '[]',"
-                " x'', ?, '[]')",
+                "INSERT INTO events (id, source, received_at_ms, method, path, query, status,"
+                " routes) VALUES (?, 'app', ?, 'POST', '/hooks/app', '', ?, '[]')",
                 (f"evt_OLD{n}", old_ms, ["delivered", "dead", "unrouted"][n]),
+            )
+            conn.execute(
+                "INSERT INTO payloads (event_id, headers, body) VALUES (?, '[]', x'')",
+                (f"evt_OLD{n}",),
             )
     await daemon.start()
     pruned = await daemon.wait_log("journal.pruned")
