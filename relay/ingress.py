@@ -196,13 +196,16 @@ class Inbound:
     async def _accept(
         self, request: web.BaseRequest, routing: Routing, source: SourceConfig, started: float
     ) -> web.StreamResponse:
+        handshake = source.challenge == "meta" and request.method == "GET"
+        if not handshake:
+            check_method(request, source)  # SPEC §3 order: 405, 403, 429, 413, ...
         check_peer(request, source)
         self.check_rate(source)
-        if source.challenge == "meta" and request.method == "GET":
+        if handshake:
             response = meta_handshake(request, source)
             self._count(source, "handshake")
             return response
-        check_request(request, source)
+        check_length(request, source)
         body = await read_body(request, source.max_body_bytes, routing.config.server.read_timeout_s)
         received_ms = time.time_ns() // 1_000_000
         verdict = check_signature(request, source, body, received_ms / 1000)
@@ -355,14 +358,18 @@ def check_peer(request: web.BaseRequest, source: SourceConfig) -> None:
         raise Rejected(403, "source address not allowed")
 
 
-def check_request(request: web.BaseRequest, source: SourceConfig) -> None:
-    """Method and declared length, before any of the body is read."""
+def check_method(request: web.BaseRequest, source: SourceConfig) -> None:
+    """405 (with Allow) for a method the source does not take."""
     if request.method not in source.methods:
         raise Rejected(
             405,
             f"method {request.method} not allowed at {request.path}",
             {"Allow": ", ".join(source.methods)},
         )
+
+
+def check_length(request: web.BaseRequest, source: SourceConfig) -> None:
+    """413 for a declared length over max_body, before any of the body is read."""
     declared = request.content_length
     if declared is not None and declared > source.max_body_bytes:
         raise Rejected(413, f"body of {declared} bytes exceeds max_body {source.max_body_bytes}")

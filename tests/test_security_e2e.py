@@ -310,6 +310,11 @@ allow_from = ["2001:db8::/32"]
     assert (status, reply) == (403, {"error": "source address not allowed"})
     assert (await daemon.post("/hooks/elsewhere", b"{}"))[0] == 403
     assert daemon.find("event.rejected", status=403, remote="::1") is not None
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(daemon.url("/hooks/elsewhere")) as response,
+    ):
+        assert response.status == 405  # SPEC §3 order: the method is checked before the peer
 
 
 async def test_a_client_that_hangs_up_does_not_abort_the_journal_write(
