@@ -172,6 +172,7 @@ class Reloader:
         self._inbound = inbound
         self._notifier = notifier
         self._lock = asyncio.Lock()
+        self._sweeps: set[asyncio.Task[None]] = set()
 
     async def reload(self) -> tuple[bool, list[str]]:
         async with self._lock:
@@ -205,11 +206,15 @@ class Reloader:
         await _sweep_removed(self._running.journal, new)
         if removed or changes.get("routes_removed"):
             # Requests that were routed by the old table may still be committing.
-            asyncio.get_running_loop().call_later(
-                new.server.read_timeout_s,
-                lambda: asyncio.ensure_future(_sweep_removed(self._running.journal, new)),
-            )
+            sweep = asyncio.create_task(self._sweep_later(new.server.read_timeout_s))
+            self._sweeps.add(sweep)
+            sweep.add_done_callback(self._sweeps.discard)
         return True, []
+
+    async def _sweep_later(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        # The config current *then*: a target re-added meanwhile must keep its deliveries.
+        await _sweep_removed(self._running.journal, self._running.config)
 
 
 async def _serve_reload_requests(requests: asyncio.Queue[None], reloader: Reloader) -> None:

@@ -34,6 +34,7 @@ from relay.outbound import (
     StoredRequest,
     TransformError,
     build_request,
+    signature_headers,
 )
 from relay.tail import Tail
 
@@ -102,8 +103,10 @@ async def send(
         return AttemptResult(None, f"{type(error).__name__}: {error}".strip().rstrip(":"))
 
 
-def log_request(delivery: DueDelivery, target: str, request: OutboundRequest) -> None:
-    """What a `log:` target does instead of sending."""
+def log_request(
+    delivery: DueDelivery, target: str, request: OutboundRequest, secret_headers: frozenset[str]
+) -> None:
+    """What a `log:` target does instead of sending (credential headers masked)."""
     log.info(
         "delivery.logged",
         delivery_id=delivery.id,
@@ -111,7 +114,7 @@ def log_request(delivery: DueDelivery, target: str, request: OutboundRequest) ->
         target=target,
         route=delivery.route,
         method=request.method,
-        headers=logs.mask_headers(request.headers.items()),
+        headers=logs.mask_headers(request.headers.items(), secret_headers),
         body=request.body[:LOG_BODY_BYTES].decode("utf-8", errors="replace"),
     )
 
@@ -154,6 +157,7 @@ class LaneServices:
     metrics: Metrics
 
 
+LANE_BACKOFF_S = 2.0  # after a journal failure, how long a lane starts nothing
 PAUSED_SWEEP_S = 60.0  # while paused with nothing waiting, how often to look again
 
 
@@ -175,6 +179,8 @@ class Lane:
         self._wake = asyncio.Event()  # new work may be due
         self._poke = asyncio.Event()  # the lane's own state changed (pause, reload, stop)
         self._nothing_waiting = False  # paused, and nothing pending when last looked
+        self._held_off_until = 0.0  # monotonic time before which nothing starts
+        self._restored = False
         self._slots = asyncio.Semaphore(target.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -212,8 +218,25 @@ class Lane:
         self._wake.set()
 
     async def run(self) -> None:
-        await self._restore_pause()
+        """The lane's loop; a failure of the journal or a bug costs a pause, never the lane."""
         while not self._stopping:
+            try:
+                await self._restore_pause()
+                await self._run()
+            except Exception:  # logged with its traceback; the lane goes on
+                log.exception("lane.error", target=self.target.name, retry_in_s=LANE_BACKOFF_S)
+                self._hold_off()
+                await asyncio.sleep(LANE_BACKOFF_S)
+
+    def _hold_off(self) -> None:
+        """The journal failed us: start nothing for a while (no re-send storm)."""
+        self._held_off_until = time.monotonic() + LANE_BACKOFF_S
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            if self._held_off_until > time.monotonic():
+                await asyncio.sleep(self._held_off_until - time.monotonic())
+                continue
             if not await self._open() or (not self._ready and not await self._refill()):
                 continue
             slots = self._slots  # a reload may replace it; this attempt releases its own
@@ -308,7 +331,7 @@ class Lane:
         self.in_flight += 1
         try:
             if target.is_log:
-                log_request(delivery, target.name, request)
+                log_request(delivery, target.name, request, self._secret_headers(target, delivery))
                 result = AttemptResult(None, None)
             else:
                 result = await send(self._session, request, target.timeout_s, self._network)
@@ -354,9 +377,18 @@ class Lane:
             await self._journal.record(record)
         except JournalError as error:
             log.error("journal.write_failed", error=str(error), delivery_id=delivery.id)
-            return  # still pending in the journal: it will be attempted again
+            self._hold_off()  # still pending in the journal: attempted again once it writes
+            return
         retry_in_s = (step.next_at_s or decided_at_s) - decided_at_s
         self._log_attempt(delivery, target, attempt, result, step, elapsed_ms, retry_in_s)
+
+    def _secret_headers(self, target: TargetConfig, delivery: DueDelivery) -> frozenset[str]:
+        """Header names that carry credentials for this delivery, whatever they are called."""
+        source = self._settings().config.sources.get(delivery.source)
+        names = signature_headers(source.verify if source else None)
+        if target.sign is not None and target.sign.header:
+            names |= {target.sign.header.lower()}
+        return names
 
     async def _note_target_health(
         self, outcome: policy.Outcome, result: AttemptResult, started_s: float
@@ -397,6 +429,9 @@ class Lane:
             log.error("journal.write_failed", error=str(error), target=self.target.name)
 
     async def _restore_pause(self) -> None:
+        if self._restored:
+            return
+        self._restored = True
         saved = await self._journal.load_target(self.target.name)
         if saved is None:
             return
@@ -475,9 +510,14 @@ class Lane:
     async def _give_up(self, delivery: DueDelivery, target: TargetConfig, reason: str) -> None:
         """Make the delivery dead without an attempt (too old, or its transform failed)."""
         try:
-            await self._journal.expire(delivery.id, delivery.event_id, reason)
+            changed = await self._journal.expire(
+                delivery.id, delivery.event_id, reason, delivery.created_at_ms
+            )
         except JournalError as error:
             log.error("journal.write_failed", error=str(error), delivery_id=delivery.id)
+            self._hold_off()
+            return
+        if not changed:  # already dead (swept while paused), or replayed since it was read
             return
         self._metrics.deliveries.labels(target.name, "dead").inc()
         log.error(

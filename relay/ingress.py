@@ -210,7 +210,7 @@ class Inbound:
         received_ms = time.time_ns() // 1_000_000
         verdict = check_signature(request, source, body, received_ms / 1000)
         event_id = ids.event_id(received_ms)
-        headers = list(request.headers.items())
+        headers = [(name, text_safe(value)) for name, value in request.headers.items()]
         try:
             document = request_document(
                 event_id=event_id,
@@ -295,6 +295,14 @@ class Inbound:
             ) from None
 
 
+def text_safe(text: str) -> str:
+    """`text` as storable UTF-8: bytes that were not UTF-8 (kept by aiohttp as surrogates)
+    become U+FFFD, so that a Latin-1 header value cannot break the journal write."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def check_signature(
     request: web.BaseRequest, source: SourceConfig, body: bytes, now_s: float
 ) -> Verdict | None:
@@ -328,7 +336,7 @@ def dedupe_key(
         value = verdict.delivery_id if verdict is not None else None
     if value is None or value == "":
         return None
-    return value if isinstance(value, str) else orjson.dumps(value).decode()
+    return text_safe(value if isinstance(value, str) else orjson.dumps(value).decode())
 
 
 def is_slack_challenge(document: Mapping[str, Any]) -> bool:

@@ -250,7 +250,7 @@ class _Writer:
     def _run_alone(self, write: _Write) -> None:
         try:
             result = write.fn(self._conn)
-        except sqlite3.Error as error:
+        except Exception as error:  # noqa: BLE001 - the writer thread must outlive any write
             self._loop.call_soon_threadsafe(_settle, [write], None, JournalError(str(error)))
             return
         self._loop.call_soon_threadsafe(_settle, [write], [result], None)
@@ -259,12 +259,12 @@ class _Writer:
         started = time.perf_counter()
         try:
             results = self._transaction([w.fn for w in batch])
-        except sqlite3.Error as error:
+        except Exception as error:  # noqa: BLE001 - the writer thread must outlive any write
             if len(batch) > 1:  # one bad write must not fail the others: retry them alone
                 for write in batch:
                     self._commit([write])
                 return
-            if not isinstance(error, sqlite3.IntegrityError):  # a bad row is not a bad disk
+            if _is_disk_trouble(error):  # a bad row (constraint, encoding) is not a bad disk
                 self.healthy = False
             self._loop.call_soon_threadsafe(_settle, batch, None, JournalError(str(error)))
             return
@@ -290,6 +290,10 @@ class _Writer:
                 conn.execute("ROLLBACK")
             raise
         return results
+
+
+def _is_disk_trouble(error: Exception) -> bool:
+    return isinstance(error, sqlite3.Error) and not isinstance(error, sqlite3.IntegrityError)
 
 
 def _batched(fn: WriteFn) -> bool:
@@ -450,9 +454,17 @@ class _Record:
         _record_attempts(conn, [self.record])
 
 
-def _expire(delivery_id: str, event_id: str, reason: str) -> WriteFn:
-    def write(conn: sqlite3.Connection) -> None:
+def _expire(delivery_id: str, event_id: str, reason: str, created_at_ms: int) -> WriteFn:
+    def write(conn: sqlite3.Connection) -> bool:
+        # Only the delivery as the lane saw it: a replay since then (new created_at) stays.
+        current = conn.execute(
+            "SELECT 1 FROM deliveries WHERE id = ? AND status = 'pending' AND created_at_ms = ?",
+            (delivery_id, created_at_ms),
+        ).fetchone()
+        if current is None:
+            return False
         _make_dead(conn, [(delivery_id, event_id)], reason)
+        return True
 
     return write
 
@@ -527,9 +539,9 @@ def _drain(target: str, now_ms: int, limit: int) -> WriteFn:
 def _make_dead(
     conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], reason: str
 ) -> list[tuple[str, str]]:
-    """Deliveries (id, event_id) end dead with `reason`; their events' status follows."""
+    """Pending deliveries (id, event_id) end dead with `reason`; their events follow."""
     conn.executemany(
-        "UPDATE deliveries SET status = 'dead', last_error = ? WHERE id = ?",
+        "UPDATE deliveries SET status = 'dead', last_error = ? WHERE id = ? AND status = 'pending'",
         [(reason, row[0]) for row in rows],
     )
     stamp = now_ms()
@@ -762,9 +774,15 @@ class Journal:
         """Commit an attempt and the delivery's new state (group-committed)."""
         await self._write(_Record(record))
 
-    async def expire(self, delivery_id: str, event_id: str, reason: str) -> None:
-        """Mark a delivery dead without an attempt (its max_age passed while it waited)."""
-        await self._write(_expire(delivery_id, event_id, reason))
+    async def expire(
+        self, delivery_id: str, event_id: str, reason: str, created_at_ms: int
+    ) -> bool:
+        """Mark a delivery dead without an attempt (too old, its transform failed...).
+
+        False when it is no longer the pending delivery the caller saw (already dead, or
+        replayed since): then nothing changes.
+        """
+        return bool(await self._write(_expire(delivery_id, event_id, reason, created_at_ms)))
 
     async def prune(self, before_ms: int, limit: int = 500) -> int:
         """Delete up to `limit` finished events received before `before_ms`; how many."""

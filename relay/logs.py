@@ -36,9 +36,18 @@ def is_sensitive_header(name: str) -> bool:
     return any(part in lowered for part in _SENSITIVE_PARTS)
 
 
-def mask_headers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """Headers as a dict for a log line, with sensitive values replaced by "***"."""
-    return {str(name): "***" if is_sensitive_header(name) else value for name, value in pairs}
+def mask_headers(
+    pairs: Iterable[tuple[str, str]], also: frozenset[str] = frozenset()
+) -> dict[str, str]:
+    """Headers as a dict for a log line, with sensitive values replaced by "***".
+
+    `also`: lower-case names that are credentials here whatever they are called (the
+    source's verify header, the target's signature header).
+    """
+    return {
+        str(name): "***" if is_sensitive_header(name) or name.lower() in also else value
+        for name, value in pairs
+    }
 
 
 def _journald_prefix(

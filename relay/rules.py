@@ -240,7 +240,10 @@ def order_key(target: TargetConfig, document: Mapping[str, Any]) -> str | None:
         value = target.order_key.search(document)
     except Exception:  # noqa: BLE001 - a key that cannot be computed is the null group
         value = None
-    return value if isinstance(value, str) else orjson.dumps(value).decode()
+    if not isinstance(value, str):
+        return orjson.dumps(value).decode()
+    # A lone surrogate (valid JSON, "\ud800") cannot be stored as UTF-8: replace it.
+    return value if value.isascii() else value.encode("utf-8", "replace").decode("utf-8")
 
 
 def header_key(name: str) -> str:

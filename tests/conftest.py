@@ -263,7 +263,9 @@ class Daemon:
         hdrs = {"Content-Type": "application/json", **(headers or {})}
         async with (
             aiohttp.ClientSession() as session,
-            session.post(self.url(path), data=data, headers=hdrs) as response,
+            session.post(
+                self.url(path), data=data, headers=hdrs, timeout=aiohttp.ClientTimeout(total=30)
+            ) as response,
         ):
             return response.status, orjson.loads(await response.read()), dict(response.headers)
 

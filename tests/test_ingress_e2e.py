@@ -11,9 +11,10 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from conftest import Daemon, eventually, server_toml
+from conftest import Daemon, Receiver, eventually, server_toml
 
 DaemonFactory = Callable[..., Awaitable[Daemon]]
+ReceiverFactory = Callable[[], Awaitable[Receiver]]
 
 STRICT_LIMITS = {"max_body": '"1KiB"', "read_timeout": '"300ms"', "idle_timeout": '"300ms"'}
 
@@ -211,3 +212,60 @@ async def test_journal_failure_is_a_503_and_not_ready_until_it_recovers(
 
 async def _is_ready(daemon: Daemon) -> bool:
     return await daemon.ready() == 200
+
+
+async def test_undecodable_headers_and_lone_surrogates_do_not_break_the_journal(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """A Latin-1 header value, or a JSON key value with a lone surrogate, is still journaled."""
+    daemon = await daemons(
+        demo_config(tmp_path).replace(
+            "[sources.app]", '[sources.app]\ndedupe = { key = "body.k", window = "1h" }'
+        )
+    )
+    answer = await raw_exchange(
+        daemon,
+        b"POST /hooks/app HTTP/1.1\r\nHost: relay\r\nX-Name: caf\xe9\xff\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    )
+    assert answer.startswith(b"HTTP/1.1 202")
+    status, _, _ = await daemon.post("/hooks/app", b'{"k": "\\ud800"}')
+    assert status == 202
+    status, _, _ = await daemon.post("/hooks/app", b'{"k": "after"}')
+    assert status == 202
+    assert daemon.query("SELECT count(*) FROM events") == [(3,)]
+    assert await daemon.ready() == 200
+
+
+async def test_a_failing_journal_does_not_make_a_lane_resend_in_a_loop(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """When an attempt's outcome cannot be written, the lane holds off instead of re-sending."""
+    svc = await receivers()
+    svc.gate = asyncio.Event()
+    daemon = await daemons(
+        server_toml(tmp_path, max_body='"4MiB"')
+        + f"""
+[sources.app]
+[targets.svc]
+url = "{svc.url}"
+[[routes]]
+name = "r"
+source = "app"
+targets = ["svc"]
+"""
+    )
+    await daemon.wait_log("journal.checkpointed")
+    _, reply, _ = await daemon.post("/hooks/app", orjson.dumps({"pad": "x" * 300_000}))
+    await eventually(lambda: svc.current == 1)
+    assert daemon.process is not None
+    limit = (tmp_path / "relay.db-wal").stat().st_size
+    resource.prlimit(daemon.process.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    count = len(daemon.lines)
+    svc.gate.set()  # the answer comes; recording it fails
+    await daemon.wait_log("journal.write_failed", after=count)
+    await eventually(lambda: len(svc.requests) >= 2)  # attempted again, once, after holding off
+    assert svc.requests[1].at - svc.requests[0].at >= 1.5
+    assert len(svc.requests) <= 3
+    resource.prlimit(daemon.process.pid, resource.RLIMIT_FSIZE, (-1, -1))
+    await daemon.wait_log("delivery.succeeded", event_id=reply["id"])

@@ -175,3 +175,16 @@ async def test_dedupe_keys_expire_and_are_forgotten(tmp_path: Path) -> None:
         assert await journal.forget_keys(now_ms=11_000) == 1
         assert await journal.append(keyed(11_001)) is None
         assert await journal.fetch("SELECT count(*) FROM events") == [(2,)]
+
+
+async def test_expire_leaves_a_delivery_replayed_since_it_was_read(tmp_path: Path) -> None:
+    """A lane's stale view cannot kill a delivery that was replayed (new created_at) or is dead."""
+    async with open_journal(tmp_path / "j.db", "normal") as journal:
+        event = new_event(1000)
+        await journal.append(event)
+        delivery = event.deliveries[0]
+        assert await journal.expire(delivery.id, event.id, "too old", created_at_ms=999) is False
+        assert await journal.expire(delivery.id, event.id, "too old", created_at_ms=1000) is True
+        assert await journal.expire(delivery.id, event.id, "again", created_at_ms=1000) is False
+        rows = await journal.fetch("SELECT status, last_error FROM deliveries")
+        assert rows == [("dead", "too old")]

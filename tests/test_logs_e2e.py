@@ -141,3 +141,28 @@ async def test_journald_gets_the_syslog_priority_of_each_line(
     by_event = {orjson.loads(raw[3:])["event"]: raw for raw in daemon.raw_lines}
     assert by_event["relay.started"].startswith(b"<6>{")
     assert by_event["delivery.dead"].startswith(b"<3>{")
+
+
+async def test_credential_headers_are_masked_whatever_their_name(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """A source's verify header and a target's signature header never reach the log in clear."""
+    daemon = await daemons(
+        server_toml(tmp_path)
+        + """
+[sources.app]
+verify = { scheme = "token", header = "X-Shared-Pass", secret = "open-sesame-1234" }
+[targets.audit]
+url = "log:"
+sign = { scheme = "hmac", secret = "k", header = "X-Out-Sig" }
+[[routes]]
+name = "r"
+source = "app"
+targets = ["audit"]
+"""
+    )
+    _, reply, _ = await daemon.post("/hooks/app", {"x": 1}, {"X-Shared-Pass": "open-sesame-1234"})
+    logged = await daemon.wait_log("delivery.logged", event_id=reply["id"])
+    assert logged["headers"]["X-Shared-Pass"] == "***"
+    assert logged["headers"]["X-Out-Sig"] == "***"
+    assert not any("open-sesame-1234" in str(line) for line in daemon.lines)
