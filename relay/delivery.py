@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from relay import logs, policy
-from relay.journal import AttemptRecord, DueDelivery, Journal, JournalError
+from relay.journal import AttemptRecord, DueDelivery, Journal, JournalError, Ordering
 from relay.metrics import Metrics
 from relay.model import Config, RouteConfig, TargetConfig
 from relay.netpolicy import NetworkPolicy, PolicyRefused, check_url, connector
@@ -180,6 +180,7 @@ class Lane:
         self._poke = asyncio.Event()  # the lane's own state changed (pause, reload, stop)
         self._nothing_waiting = False  # paused, and nothing pending when last looked
         self._held_off_until = 0.0  # monotonic time before which nothing starts
+        self._ordering_checked = False  # pending deliveries keyed to match `ordered`?
         self._restored = False
         self._slots = asyncio.Semaphore(target.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -203,6 +204,8 @@ class Lane:
         """A reload's new settings, from the next attempt on (in-flight ones finish as they are)."""
         old, self.target = self.target, target
         self._window = max(16, 4 * target.concurrency)
+        if (old.ordered, old.order_key) != (target.ordered, target.order_key):
+            self._ordering_checked = False
         if target.concurrency != old.concurrency:
             self._slots = asyncio.Semaphore(target.concurrency)
         if target.rate_limit != old.rate_limit:
@@ -232,8 +235,18 @@ class Lane:
         """The journal failed us: start nothing for a while (no re-send storm)."""
         self._held_off_until = time.monotonic() + LANE_BACKOFF_S
 
+    @property
+    def ordering(self) -> Ordering:
+        """How the journal picks this lane's deliveries: "fifo", per "key", or "" (any)."""
+        if self.target.ordered:
+            return "fifo"
+        return "key" if self.target.order_key is not None else ""
+
     async def _run(self) -> None:
         while not self._stopping:
+            if not self._ordering_checked:
+                await self._journal.key_ordering(self.target.name, self.ordering)
+                self._ordering_checked = True
             if self._held_off_until > time.monotonic():
                 await asyncio.sleep(self._held_off_until - time.monotonic())
                 continue
@@ -267,12 +280,16 @@ class Lane:
         """Load due deliveries; when none, wait for a wake-up or the next due time."""
         self._wake.clear()  # before the query: a wake-up during it is not lost
         now = _now_ms()
-        rows = await self._journal.due(self.target.name, now, self._window, self._held)
+        rows = await self._journal.due(
+            self.target.name, now, self._window, self._held, ordering=self.ordering
+        )
         if rows:
             self._ready.extend(rows)
             self._held.update(row.id for row in rows)
             return True
-        next_ms = await self._journal.next_due_ms(self.target.name, self._held)
+        next_ms = await self._journal.next_due_ms(
+            self.target.name, self._held, ordering=self.ordering
+        )
         timeout_s = None if next_ms is None else max(0.0, (next_ms - _now_ms()) / 1000)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout_s)

@@ -525,6 +525,36 @@ _HEAD_OF_ITS_QUEUE = (
 )
 
 
+# The head of every order key of a target (`?` = the target), from the deliveries_order
+# index alone. An ordered lane's deliveries all carry a key (see `Journal.key_ordering`).
+_HEADS = {
+    "key": "SELECT min(id) FROM deliveries WHERE target = ? AND status = 'pending'"
+    " AND order_key IS NOT NULL GROUP BY order_key",
+    # ordered = true: one queue, whose head the index gives at once, however long it is
+    "fifo": "SELECT min(id) FROM deliveries WHERE target = ? AND status = 'pending'"
+    " AND order_key = ''",
+}
+Ordering = Literal["", "fifo", "key"]
+
+
+def _key_ordering(target: str, ordering: Ordering) -> WriteFn:
+    condition = {
+        "fifo": "(order_key IS NULL OR order_key != '')",  # all in the one queue
+        "key": "order_key IS NULL",  # from before the target was ordered: one more queue
+        "": "order_key IS NOT NULL",  # no longer ordered: nothing holds anything back
+    }[ordering]
+    value = "NULL" if ordering == "" else "''"
+
+    def write(conn: sqlite3.Connection) -> int:
+        return conn.execute(
+            f"UPDATE deliveries SET order_key = {value} WHERE target = ?"
+            f" AND status = 'pending' AND {condition}",
+            (target,),
+        ).rowcount
+
+    return write
+
+
 def _drain(target: str, now_ms: int, limit: int) -> WriteFn:
     def write(conn: sqlite3.Connection) -> int:
         return conn.execute(
@@ -788,6 +818,11 @@ class Journal:
         """Delete up to `limit` finished events received before `before_ms`; how many."""
         return int(await self._write(_prune(before_ms, limit)))
 
+    async def key_ordering(self, target: str, ordering: Ordering) -> int:
+        """Make a target's pending deliveries fit its ordering now (after a config change).
+        How many changed."""
+        return int(await self._write(_key_ordering(target, ordering)))
+
     async def drain(self, target: str, now_ms: int, limit: int = 5000) -> int:
         """Make up to `limit` of `target`'s scheduled retries due now (a resumed target)."""
         return int(await self._write(_drain(target, now_ms, limit)))
@@ -863,18 +898,32 @@ class Journal:
         return result
 
     async def due(
-        self, target: str, now_ms: int, limit: int, exclude: Collection[str] = ()
+        self,
+        target: str,
+        now_ms: int,
+        limit: int,
+        exclude: Collection[str] = (),
+        *,
+        ordering: Ordering = "",
     ) -> list[DueDelivery]:
-        """Up to `limit` pending deliveries of `target` due by `now_ms`, oldest first."""
+        """Up to `limit` pending deliveries of `target` due by `now_ms`, oldest first.
+
+        `ordering` ("fifo": ordered = true; "key": order_key): only the oldest pending
+        delivery of each key may go; the heads come from the `deliveries_order` index, so a
+        long queue behind a failing head is not scanned.
+        """
         marks = ",".join("?" * len(exclude))
         skip = f" AND d.id NOT IN ({marks})" if exclude else ""
+        where = (
+            f"d.id IN ({_HEADS[ordering]})" if ordering
+            else f"d.target = ? AND d.status = 'pending' AND {_HEAD_OF_ITS_QUEUE}"
+        )  # fmt: skip
         sql = (
             "SELECT d.id, d.event_id, d.route, d.attempts, d.created_at_ms,"
             " e.source, e.method, e.path, e.query, p.headers, p.body, d.replay_base"
             " FROM deliveries d JOIN events e ON e.id = d.event_id"
             " JOIN payloads p ON p.event_id = d.event_id"
-            " WHERE d.target = ? AND d.status = 'pending' AND d.next_at_ms <= ?"
-            f"{skip} AND {_HEAD_OF_ITS_QUEUE} ORDER BY d.next_at_ms, d.id LIMIT ?"
+            f" WHERE {where} AND d.next_at_ms <= ?{skip} ORDER BY d.next_at_ms, d.id LIMIT ?"
         )
         rows = await self._reader.execute_fetchall(sql, (target, now_ms, *exclude, limit))
         return [
@@ -896,14 +945,17 @@ class Journal:
             for r in rows
         ]
 
-    async def next_due_ms(self, target: str, exclude: Collection[str] = ()) -> int | None:
+    async def next_due_ms(
+        self, target: str, exclude: Collection[str] = (), *, ordering: Ordering = ""
+    ) -> int | None:
         """When the next pending delivery of `target` (not in `exclude`) is due."""
         marks = ",".join("?" * len(exclude))
         skip = f" AND d.id NOT IN ({marks})" if exclude else ""
-        sql = (
-            "SELECT d.next_at_ms FROM deliveries d WHERE d.target = ? AND d.status = 'pending'"
-            f"{skip} AND {_HEAD_OF_ITS_QUEUE} ORDER BY d.next_at_ms, d.id LIMIT 1"
-        )
+        where = (
+            f"d.id IN ({_HEADS[ordering]})" if ordering
+            else f"d.target = ? AND d.status = 'pending' AND {_HEAD_OF_ITS_QUEUE}"
+        )  # fmt: skip
+        sql = f"SELECT d.next_at_ms FROM deliveries d WHERE {where}{skip} ORDER BY 1, d.id LIMIT 1"
         rows = list(await self._reader.execute_fetchall(sql, (target, *exclude)))
         return int(rows[0][0]) if rows else None
 

@@ -188,3 +188,23 @@ async def test_expire_leaves_a_delivery_replayed_since_it_was_read(tmp_path: Pat
         assert await journal.expire(delivery.id, event.id, "again", created_at_ms=1000) is False
         rows = await journal.fetch("SELECT status, last_error FROM deliveries")
         assert rows == [("dead", "too old")]
+
+
+async def test_ordered_queues_give_only_their_heads(tmp_path: Path) -> None:
+    """Ordered delivery: only the oldest pending delivery of each key is ever due."""
+    async with open_journal(tmp_path / "j.db", "normal") as journal:
+        events = []
+        for n, key in enumerate(["a", "a", "b", "a"]):
+            event = new_event(1000 + n)
+            event = replace(event, deliveries=[replace(event.deliveries[0], order_key=key)])
+            events.append(event)
+            await journal.append(event)
+        heads = await journal.due("svc", now_ms=9000, limit=10, ordering="key")
+        assert [d.event_id for d in heads] == [events[0].id, events[2].id]
+        first = (events[0].deliveries[0].id, events[0].id)
+        await journal.record(outcome(first, 1, "pending", next_at_ms=50_000))  # head fails
+        heads = await journal.due("svc", now_ms=9000, limit=10, ordering="key")
+        assert [d.event_id for d in heads] == [events[2].id]  # "a" waits behind its head
+        assert await journal.key_ordering("svc", "fifo") == 4  # one queue now
+        assert await journal.due("svc", now_ms=9000, limit=10, ordering="fifo") == []
+        assert await journal.next_due_ms("svc", ordering="fifo") == 50_000
