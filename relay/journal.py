@@ -537,6 +537,13 @@ _HEADS = {
 Ordering = Literal["", "fifo", "key"]
 
 
+def _pending_of_target(ordering: Ordering) -> str:
+    """The WHERE clause (one `?`: the target) for the deliveries a lane may send."""
+    if ordering:
+        return f"d.id IN ({_HEADS[ordering]})"
+    return f"d.target = ? AND d.status = 'pending' AND {_HEAD_OF_ITS_QUEUE}"
+
+
 def _key_ordering(target: str, ordering: Ordering) -> WriteFn:
     condition = {
         "fifo": "(order_key IS NULL OR order_key != '')",  # all in the one queue
@@ -914,10 +921,7 @@ class Journal:
         """
         marks = ",".join("?" * len(exclude))
         skip = f" AND d.id NOT IN ({marks})" if exclude else ""
-        where = (
-            f"d.id IN ({_HEADS[ordering]})" if ordering
-            else f"d.target = ? AND d.status = 'pending' AND {_HEAD_OF_ITS_QUEUE}"
-        )  # fmt: skip
+        where = _pending_of_target(ordering)
         sql = (
             "SELECT d.id, d.event_id, d.route, d.attempts, d.created_at_ms,"
             " e.source, e.method, e.path, e.query, p.headers, p.body, d.replay_base"
@@ -951,10 +955,7 @@ class Journal:
         """When the next pending delivery of `target` (not in `exclude`) is due."""
         marks = ",".join("?" * len(exclude))
         skip = f" AND d.id NOT IN ({marks})" if exclude else ""
-        where = (
-            f"d.id IN ({_HEADS[ordering]})" if ordering
-            else f"d.target = ? AND d.status = 'pending' AND {_HEAD_OF_ITS_QUEUE}"
-        )  # fmt: skip
+        where = _pending_of_target(ordering)
         sql = f"SELECT d.next_at_ms FROM deliveries d WHERE {where}{skip} ORDER BY 1, d.id LIMIT 1"
         rows = list(await self._reader.execute_fetchall(sql, (target, *exclude)))
         return int(rows[0][0]) if rows else None
