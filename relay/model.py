@@ -181,6 +181,3 @@ class Config:
 
     def routes_of(self, source: str) -> tuple[RouteConfig, ...]:
         return tuple(r for r in self.routes if r.source == source)
-
-    def source_by_path(self) -> dict[str, SourceConfig]:
-        return {s.path: s for s in self.sources.values()}
