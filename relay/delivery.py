@@ -510,11 +510,10 @@ class Lane:
             "delivery.attempt", source=delivery.source, outcome=step.outcome.value,
             error=result.error, reason=step.reason, **fields,
         )  # fmt: skip
-        self._metrics.deliveries.labels(target.name, step.outcome.value).inc()
-        self._metrics.attempt_seconds.labels(target.name).observe(elapsed_ms / 1000)
+        self._metrics.count_attempt(target.name, step.outcome.value, elapsed_ms / 1000)
         if step.outcome is policy.Outcome.DELIVERED:
             latency_s = time.time() - delivery.created_at_ms / 1000
-            self._metrics.delivery_latency_seconds.labels(target.name).observe(latency_s)
+            self._metrics.observe_latency(target.name, latency_s)
         if step.outcome is policy.Outcome.DELIVERED:
             log.info("delivery.succeeded", **fields)
         elif step.outcome is policy.Outcome.RETRY:
@@ -536,7 +535,7 @@ class Lane:
             return
         if not changed:  # already dead (swept while paused), or replayed since it was read
             return
-        self._metrics.deliveries.labels(target.name, "dead").inc()
+        self._metrics.count_dead(target.name)
         log.error(
             "delivery.dead",
             delivery_id=delivery.id,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
@@ -74,23 +75,33 @@ class Metrics:
         self.config_reloads = Counter(
             "relay_config_reloads_total", "Config reloads by result", ["result"], registry=r
         )
-        self._requests: dict[tuple[str, int], Counter] = {}
-        self._events: dict[tuple[str, str], Counter] = {}
+        self._children: dict[tuple[int | str, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached: labels() is too slow for once per request."""
+        key: tuple[int | str, ...] = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def count_request(self, source: str, code: int) -> None:
-        """relay_requests_total{source,code} += 1 (children cached: labels() is slow)."""
-        key = (source, code)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self.requests.labels(source, str(code))
-        child.inc()
+        self._child(self.requests, source, str(code)).inc()
 
     def count_event(self, source: str, outcome: str) -> None:
-        key = (source, outcome)
-        child = self._events.get(key)
-        if child is None:
-            child = self._events[key] = self.events.labels(source, outcome)
-        child.inc()
+        self._child(self.events, source, outcome).inc()
+
+    def count_attempt(self, target: str, outcome: str, seconds: float) -> None:
+        """One finished attempt: its outcome and its duration."""
+        self._child(self.deliveries, target, outcome).inc()
+        self._child(self.attempt_seconds, target).observe(seconds)
+
+    def count_dead(self, target: str) -> None:
+        """A delivery that died without an attempt (too old, transform failed, ...)."""
+        self._child(self.deliveries, target, "dead").inc()
+
+    def observe_latency(self, target: str, seconds: float) -> None:
+        self._child(self.delivery_latency_seconds, target).observe(seconds)
 
     def observe_commit(self, seconds: float, _writes: int) -> None:
         self.journal_commit_seconds.observe(seconds)
