@@ -78,10 +78,18 @@ def machine_description() -> str:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(avoid: tuple[int, ...] = ()) -> int:
+    """A loopback port P with P + 1 free too (relay: listen on P, admin on P + 1)."""
+    for _ in range(100):
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            if {port, port + 1} & set(avoid):
+                continue
+            with contextlib.suppress(OSError):
+                second.bind(("127.0.0.1", port + 1))
+                return port
+    raise RuntimeError("no free pair of loopback ports")
 
 
 def pinned(core: int) -> list[str]:
@@ -239,7 +247,8 @@ def _journal_note(journal: Path) -> str:
 
 
 def e2e_scenario(seconds: int, *, mix: bool) -> Result:
-    port, receiver_port = free_port(), free_port()
+    port = free_port()
+    receiver_port = free_port(avoid=(port, port + 1))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         config = relay_config(folder, port, f"http://127.0.0.1:{receiver_port}/hook", mix)
@@ -315,7 +324,8 @@ class BacklogResult:
 def backlog_scenario(count: int, seconds: int) -> BacklogResult:
     from bench.backlog import config_text, make_backlog, rss_bytes
 
-    port, receiver_port = free_port(), free_port()
+    port = free_port()
+    receiver_port = free_port(avoid=(port, port + 1))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         journal = folder / "relay.db"
