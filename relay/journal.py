@@ -795,8 +795,9 @@ class Journal:
         self._writer.on_commit = observer
 
     async def _write(self, fn: WriteFn, *, alone: bool = False) -> Any:
-        # Shielded: a cancelled waiter (client gone) must not look like a failed write.
-        return await asyncio.shield(self._writer.submit(fn, alone=alone))
+        # A cancelled waiter cancels only its future: the write is still committed, and
+        # `_settle` skips futures that are already done (no shield needed, none paid for).
+        return await self._writer.submit(fn, alone=alone)
 
     async def append(self, event: NewEvent) -> str | None:
         """Commit the event and its deliveries in one transaction (group-committed).

@@ -56,6 +56,21 @@ async def test_concurrent_appends_share_transactions(tmp_path: Path) -> None:
     assert len(commits) < 64 / 4
 
 
+async def test_cancelled_waiter_still_commits(tmp_path: Path) -> None:
+    """A request whose waiting task is cancelled (client gone, shutdown) still has its event
+    committed, and the writer goes on serving the next writes."""
+    async with open_journal(tmp_path / "j.db", "full") as journal:
+        events = [new_event(1000 + n) for n in range(20)]
+        waiters = [asyncio.ensure_future(journal.append(e)) for e in events]
+        await asyncio.sleep(0)  # every append is queued
+        for waiter in waiters[::2]:
+            waiter.cancel()
+        results = await asyncio.gather(*waiters, return_exceptions=True)
+        assert sum(isinstance(r, asyncio.CancelledError) for r in results) == 10
+        assert await journal.append(new_event(2000)) is None
+        assert await journal.fetch("SELECT count(*) FROM events") == [(21,)]
+
+
 async def test_sync_level_is_read_back(tmp_path: Path) -> None:
     """The journal reports the synchronous level SQLite actually runs with."""
     async with open_journal(tmp_path / "full.db", "full") as journal:
