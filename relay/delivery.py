@@ -506,10 +506,11 @@ class Lane:
             "status": result.status,
             "ms": round(elapsed_ms, 3),
         }
-        self._tail.publish(
-            "delivery.attempt", source=delivery.source, outcome=step.outcome.value,
-            error=result.error, reason=step.reason, **fields,
-        )  # fmt: skip
+        if self._tail.listened:
+            self._tail.publish(
+                "delivery.attempt", source=delivery.source, outcome=step.outcome.value,
+                error=result.error, reason=step.reason, **fields,
+            )  # fmt: skip
         self._metrics.count_attempt(target.name, step.outcome.value, elapsed_ms / 1000)
         if step.outcome is policy.Outcome.DELIVERED:
             latency_s = time.time() - delivery.created_at_ms / 1000

@@ -154,36 +154,32 @@ class Inbound:
         started = time.perf_counter()
         routing = self.routing  # one config for the whole request, even across a reload
         source = routing.by_path.get(request.path)
-        response = await self._answer(request, routing, source, started)
+        try:
+            if source is None:
+                raise Rejected(404, f"no source at {request.path}")
+            response = await self._accept(request, routing, source, started)
+        except Rejected as rejected:
+            response = self._reject(request, source, rejected)
         if self._metrics is not None:
             self._metrics.count_request(source.name if source else "", response.status)
         return response
 
-    async def _answer(
-        self,
-        request: web.BaseRequest,
-        routing: Routing,
-        source: SourceConfig | None,
-        started: float,
+    def _reject(
+        self, request: web.BaseRequest, source: SourceConfig | None, rejected: Rejected
     ) -> web.StreamResponse:
-        try:
-            if source is None:
-                raise Rejected(404, f"no source at {request.path}")
-            return await self._accept(request, routing, source, started)
-        except Rejected as rejected:
-            self._count(source, "rejected")
-            log.info(
-                "event.rejected",
-                source=source.name if source else None,
-                status=rejected.status,
-                reason=rejected.reason,
-                remote=request.remote,
-                path=request.path,
-            )
-            response = _json(rejected.status, {"error": rejected.public}, rejected.headers)
-            if rejected.status in (408, 413):
-                response.force_close()  # the rest of the body is not worth reading
-            return response
+        self._count(source, "rejected")
+        log.info(
+            "event.rejected",
+            source=source.name if source else None,
+            status=rejected.status,
+            reason=rejected.reason,
+            remote=request.remote,
+            path=request.path,
+        )
+        response = _json(rejected.status, {"error": rejected.public}, rejected.headers)
+        if rejected.status in (408, 413):
+            response.force_close()  # the rest of the body is not worth reading
+        return response
 
     def _count(self, source: SourceConfig | None, outcome: RequestOutcome) -> None:
         if source is None:
@@ -199,8 +195,10 @@ class Inbound:
         handshake = source.challenge == "meta" and request.method == "GET"
         if not handshake:
             check_method(request, source)  # SPEC §3 order: 405, 403, 429, 413, ...
-        check_peer(request, source)
-        self.check_rate(source)
+        if source.allow_from:
+            check_peer(request, source)
+        if source.rate_limit is not None:
+            self.check_rate(source)
         if handshake:
             response = meta_handshake(request, source)
             self._count(source, "handshake")
@@ -210,7 +208,10 @@ class Inbound:
         received_ms = time.time_ns() // 1_000_000
         verdict = check_signature(request, source, body, received_ms / 1000)
         event_id = ids.event_id(received_ms)
-        headers = [(name, text_safe(value)) for name, value in request.headers.items()]
+        headers = [
+            (name, value if value.isascii() else text_safe(value))
+            for name, value in request.headers.items()
+        ]
         try:
             document = request_document(
                 event_id=event_id,
@@ -243,7 +244,7 @@ class Inbound:
             if decision.matched
             for target in route.targets
         ]
-        key = dedupe_key(source, verdict, document)
+        key = dedupe_key(source, verdict, document) if source.dedupe is not None else None
         event = NewEvent(
             id=event_id,
             source=source.name,
@@ -266,10 +267,11 @@ class Inbound:
         if deliveries:
             self._on_accepted(sorted({d.target for d in deliveries}))
         matched = [d.name for d in decisions if d.matched]
-        self._tail.publish(
-            "event.accepted", event_id=event_id, source=source.name, routes=matched,
-            deliveries=len(deliveries), received_at=document["received_at"],
-        )  # fmt: skip
+        if self._tail.listened:
+            self._tail.publish(
+                "event.accepted", event_id=event_id, source=source.name, routes=matched,
+                deliveries=len(deliveries), received_at=document["received_at"],
+            )  # fmt: skip
         log.info(
             "event.accepted",
             event_id=event_id,

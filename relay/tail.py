@@ -40,6 +40,11 @@ class Tail:
     def __init__(self) -> None:
         self._subscribers: set[Subscription] = set()
 
+    @property
+    def listened(self) -> bool:
+        """Whether anyone subscribes (publishers skip building records nobody reads)."""
+        return bool(self._subscribers)
+
     def publish(self, kind: str, **fields: Any) -> None:
         if not self._subscribers:
             return
