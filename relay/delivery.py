@@ -44,7 +44,7 @@ MAX_RESPONSE_BYTES = 64 * 1024
 LOG_BODY_BYTES = 4 * 1024
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AttemptResult:
     """What one request produced: a status (and up to 64 KiB of body), or an error."""
 

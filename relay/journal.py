@@ -112,7 +112,7 @@ class JournalError(Exception):
     """The journal could not take a write (disk full, I/O error, ...)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NewDelivery:
     id: str
     route: str
@@ -120,7 +120,7 @@ class NewDelivery:
     order_key: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NewEvent:
     id: str
     source: str
@@ -140,7 +140,7 @@ class NewEvent:
         return "pending" if self.deliveries else "unrouted"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DueDelivery:
     """A pending delivery with what is needed to send it."""
 
@@ -159,7 +159,7 @@ class DueDelivery:
     replay_base: int = 0  # attempts made before the last replay (the budget restarts there)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AttemptRecord:
     """One finished attempt and the delivery's state after it."""
 

@@ -53,7 +53,7 @@ class TransformError(Exception):
     """The route's transform raised; str() is the reason the delivery is dead."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StoredRequest:
     """The inbound request as the journal keeps it, and the delivery it is sent for."""
 
@@ -68,7 +68,7 @@ class StoredRequest:
     received_at_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OutboundRequest:
     method: str
     url: str

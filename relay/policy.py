@@ -55,7 +55,7 @@ def backoff_s(attempt: int, retry: RetryConfig, jitter: float) -> float:
     return jitter * ceiling_s
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Step:
     """After an attempt: the outcome; when to retry (`next_at_s`); why it is dead (`reason`)."""
 

@@ -110,7 +110,7 @@ def is_truthy(value: Any) -> bool:
     return not (value is None or value is False or value in ("", [], {}))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RouteDecision:
     name: str
     matched: bool

@@ -44,7 +44,7 @@ AUTHORIZATION: Final = "Authorization"
 _TIMESTAMP: Final = re.compile(r"[0-9]{1,15}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Verdict:
     """The outcome of `verify`.
 
