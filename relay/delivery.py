@@ -1,7 +1,8 @@
 """Delivery: per-target lanes that send pending deliveries to their targets.
 
-This module owns the only `aiohttp.ClientSession` (SPEC §4). Each target has
-a lane: it pulls a bounded window of due deliveries from the journal (so a
+This module owns the delivery of each pending delivery (SPEC §4); it holds the
+one outbound HTTP client (`relay.http1`, which owns the connections). Each target
+has a lane: it pulls a bounded window of due deliveries from the journal (so a
 backlog of any size is never in memory), keeps at most `concurrency` requests
 in flight, has `relay.outbound` build each request with the config current at
 that attempt (a failing transform makes the delivery dead), sends it without
@@ -22,13 +23,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-import aiohttp
-
-from relay import logs, policy
+from relay import http1, logs, policy
 from relay.journal import AttemptRecord, DueDelivery, Journal, JournalError, Ordering
 from relay.metrics import Metrics
 from relay.model import Config, RouteConfig, TargetConfig
-from relay.netpolicy import NetworkPolicy, PolicyRefused, check_url, connector
+from relay.netpolicy import NetworkPolicy
 from relay.outbound import (
     OutboundRequest,
     StoredRequest,
@@ -59,48 +58,26 @@ class AttemptResult:
         return f"HTTP {self.status}" if self.status is not None else self.error or "no response"
 
 
-async def read_limited(content: aiohttp.StreamReader, limit: int) -> bytes:
-    """At most `limit` bytes of a response body."""
-    chunks: list[bytes] = []
-    size = 0
-    while size < limit:
-        chunk = await content.read(limit - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
-async def send(
-    session: aiohttp.ClientSession,
-    request: OutboundRequest,
-    timeout_s: float,
-    network: NetworkPolicy,
-) -> AttemptResult:
+async def send(client: http1.Client, request: OutboundRequest, timeout_s: float) -> AttemptResult:
     """One HTTP attempt; never raises for network trouble, it returns it."""
-    refusal = check_url(request.url, network)  # IP literals never reach the resolver
-    if refusal is not None:
-        return AttemptResult(None, refusal, refused=True)
     try:
-        async with session.request(
-            request.method,
-            request.url,
-            data=request.body,
-            headers=request.headers,
-            allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=timeout_s),
-        ) as response:
-            body = await read_limited(response.content, MAX_RESPONSE_BYTES)
-            return AttemptResult(response.status, None, body, response.headers.get("Retry-After"))
+        async with asyncio.timeout(timeout_s):
+            response = await client.request(
+                request.method,
+                request.url,
+                request.headers.items(),
+                request.body,
+                max_body_bytes=MAX_RESPONSE_BYTES,
+            )
     except TimeoutError:
         return AttemptResult(None, f"timeout after {timeout_s:g}s")
-    except aiohttp.ClientConnectorError as error:
-        if isinstance(error.os_error, PolicyRefused):
-            return AttemptResult(None, error.os_error.reason, refused=True)
-        return AttemptResult(None, f"{type(error).__name__}: {error}".strip().rstrip(":"))
-    except (aiohttp.ClientError, OSError) as error:
-        return AttemptResult(None, f"{type(error).__name__}: {error}".strip().rstrip(":"))
+    except http1.PolicyRefusal as error:
+        return AttemptResult(None, str(error), refused=True)
+    except http1.RequestError as error:
+        return AttemptResult(None, str(error))
+    except OSError as error:
+        return AttemptResult(None, f"{type(error).__name__}: {error}")
+    return AttemptResult(response.status, None, response.body, response.retry_after)
 
 
 def log_request(
@@ -151,8 +128,7 @@ class LaneServices:
 
     settings: Callable[[], Settings]
     journal: Journal
-    session: aiohttp.ClientSession
-    network: NetworkPolicy
+    client: http1.Client
     tail: Tail
     metrics: Metrics
 
@@ -169,8 +145,7 @@ class Lane:
         self.target = target
         self._settings = services.settings
         self._journal = services.journal
-        self._session = services.session
-        self._network = services.network
+        self._client = services.client
         self._tail = services.tail
         self._metrics = services.metrics
         self._window = max(16, 4 * target.concurrency)
@@ -351,7 +326,7 @@ class Lane:
                 log_request(delivery, target.name, request, self._secret_headers(target, delivery))
                 result = AttemptResult(None, None)
             else:
-                result = await send(self._session, request, target.timeout_s, self._network)
+                result = await send(self._client, request, target.timeout_s)
         except Exception as error:  # a bug here must cost one attempt, not make a hot loop
             log.exception("delivery.internal_error", delivery_id=delivery.id, target=target.name)
             result = AttemptResult(None, f"internal error: {type(error).__name__}: {error}")
@@ -576,12 +551,11 @@ class Deliverer:
     def __init__(
         self,
         journal: Journal,
-        session: aiohttp.ClientSession,
-        network: NetworkPolicy,
+        client: http1.Client,
         tail: Tail,
         metrics: Metrics,
     ) -> None:
-        self._services = LaneServices(self._current, journal, session, network, tail, metrics)
+        self._services = LaneServices(self._current, journal, client, tail, metrics)
         self._retiring: set[asyncio.Task[int]] = set()
         self.settings: Settings | None = None
         self.lanes: dict[str, Lane] = {}
@@ -657,15 +631,13 @@ class Deliverer:
 async def open_deliverer(
     journal: Journal, network: NetworkPolicy, tail: Tail, metrics: Metrics
 ) -> AsyncIterator[Deliverer]:
-    """The deliverer and its ClientSession; the session is closed on exit.
+    """The deliverer and its HTTP client; the client's connections are closed on exit.
 
-    The connector resolves through the network policy and connects to the addresses it
-    checked; IP-literal URLs are checked by `send` (aiohttp skips the resolver for them).
+    The client resolves through the network policy and connects to the addresses it
+    checked; IP-literal URLs are checked against the policy without a lookup.
     """
-    policy_connector = connector(network, limit=0, ttl_dns_cache=60, enable_cleanup_closed=True)
-    async with aiohttp.ClientSession(
-        connector=policy_connector,
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent",),
-    ) as session:
-        yield Deliverer(journal, session, network, tail, metrics)
+    client = http1.Client(network)
+    try:
+        yield Deliverer(journal, client, tail, metrics)
+    finally:
+        await client.close()

@@ -5,15 +5,10 @@ addresses (169.254.0.0/16 and fe80::/10, where cloud metadata services live) by
 default, refuses `[server] deny_networks`, and lets `[server] allow_networks`
 override both; loopback is allowed. An IPv4-mapped IPv6 address
 (::ffff:169.254.169.254) is judged by its IPv4 form. The check runs on resolved
-addresses: `PolicyResolver` wraps aiohttp's resolver and drops refused addresses,
-raising `PolicyRefused` (an `OSError`, which the connector turns into a
-`ClientConnectorDNSError` whose text carries the reason) when none remain. There is
-no second lookup: aiohttp's `TCPConnector` turns exactly the `ResolveResult`s the
-resolver returned into numeric addr_infos and connects to those
-(`_create_direct_connection` → `_convert_hosts_to_addr_infos` → aiohappyeyeballs
-`sock_connect`), and its DNS cache stores that filtered list. An IP-literal URL
-never reaches the resolver (`TCPConnector._resolve_host` answers it itself), so
-the sender must call `check_url` before each request.
+addresses: `PolicyResolver` wraps a resolver (aiohttp's ThreadedResolver, i.e.
+getaddrinfo, by default) and drops refused addresses, raising `PolicyRefused`
+when none remain; `relay.http1` connects only to the addresses it returned (no
+second lookup). An IP-literal host is never looked up: `check_host` judges it.
 """
 
 from __future__ import annotations
@@ -24,12 +19,10 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.helpers import is_ip_address
-from yarl import URL
 
 from relay.model import IPNetwork, ServerConfig
 
@@ -116,8 +109,7 @@ class NetworkPolicy:
 class PolicyRefused(OSError):
     """Every address of a host was refused by the outbound network policy.
 
-    An `OSError` with `strerror` set to the reason, because aiohttp's connector wraps
-    resolver `OSError`s in `ClientConnectorDNSError`, whose text shows `strerror`.
+    An `OSError` (as a failed lookup is) whose `strerror` and str() are the reason.
     """
 
     def __init__(self, host: str, reasons: Sequence[str]) -> None:
@@ -165,22 +157,12 @@ class PolicyResolver(AbstractResolver):
         await self._inner.close()
 
 
-def check_url(url: str | URL, policy: NetworkPolicy) -> str | None:
-    """The refusal reason for a URL whose host is an IP literal; None if allowed or a hostname.
-
-    aiohttp connects to an IP-literal host without asking the resolver, so this is
-    the check for those; a hostname is left to `PolicyResolver`. Uses aiohttp's own
-    test for "IP literal" (`helpers.is_ip_address`), so the two cannot disagree.
-    """
-    host = URL(url).raw_host
-    if host is None or not is_ip_address(host):
+def check_host(host: str, policy: NetworkPolicy) -> str | None:
+    """The refusal reason for an IP-literal host; None if allowed, or a hostname (which
+    `PolicyResolver` checks once resolved). "IP literal" is aiohttp's own test
+    (`helpers.is_ip_address`, as yarl parses URLs), so legacy forms such as 2852039166
+    count as literals and, not being addresses `ipaddress` accepts, are refused."""
+    if not is_ip_address(host):
         return None
     reason = policy.refusal(host)
     return None if reason is None else f"outbound network policy: {reason}"
-
-
-def connector(
-    policy: NetworkPolicy, *, inner: AbstractResolver | None = None, **kwargs: Any
-) -> aiohttp.TCPConnector:
-    """A TCPConnector resolving through `PolicyResolver(policy, inner)`; kwargs go to it."""
-    return aiohttp.TCPConnector(resolver=PolicyResolver(policy, inner), **kwargs)

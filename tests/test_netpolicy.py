@@ -1,29 +1,26 @@
 """Outbound network policy (SPEC §4): link-local refused unless allowed, deny/allow networks.
 
-The resolver tests use a fake inner resolver; the end-to-end tests use a real
-aiohttp ClientSession against a real server on 127.0.0.1. No traffic goes anywhere
-else: a socket factory records every connection the connector attempts.
+The resolver tests use a fake inner resolver; the end-to-end tests send with relay's
+own HTTP client (`relay.http1`) to a real server on 127.0.0.1. No traffic goes
+anywhere else: every connection the client opens is recorded before it is made.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
 
+from relay.http1 import Client, PolicyRefusal
 from relay.model import Address, ServerConfig
-from relay.netpolicy import (
-    NetworkPolicy,
-    PolicyRefused,
-    PolicyResolver,
-    check_url,
-    connector,
-)
+from relay.netpolicy import NetworkPolicy, PolicyRefused, PolicyResolver, check_host
 
 from conftest import Receiver
 
@@ -136,7 +133,12 @@ def test_policy_from_the_server_table() -> None:
     assert policy.refusal("169.254.169.254") is None
 
 
-# --- check_url ------------------------------------------------------------------
+# --- check_host -----------------------------------------------------------------
+
+
+def check_url(url: str, policy: NetworkPolicy) -> str | None:
+    """check_host on a URL's host, as the client parses it."""
+    return check_host(URL(url).raw_host or "", policy)
 
 
 @pytest.mark.parametrize(
@@ -245,7 +247,7 @@ async def test_resolver_refuses_a_host_with_only_refused_addresses() -> None:
         f"169.254.169.254 {LINK_LOCAL_ADVICE} (and 1 more refused address)"
     )
     assert str(caught.value) == expected
-    assert caught.value.strerror == expected  # what aiohttp's ClientConnectorError shows
+    assert caught.value.strerror == expected
     assert isinstance(caught.value, OSError)
 
 
@@ -259,7 +261,7 @@ async def test_resolver_passes_lookup_failures_and_close_through() -> None:
     assert inner.closed
 
 
-# --- end to end through aiohttp -------------------------------------------------
+# --- end to end through relay's HTTP client ---------------------------------------
 
 
 @pytest.fixture
@@ -268,89 +270,92 @@ async def receiver(receivers: Callable[[], Awaitable[Receiver]]) -> Receiver:
     return await receivers()
 
 
-def recording_socket_factory(connected: list[str]) -> Callable[..., socket.socket]:
-    """A socket factory for TCPConnector that records the address of every connection attempt."""
+@pytest.fixture
+async def connected(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The address of every connection the client opens, recorded before it is opened."""
+    addresses: list[str] = []
+    loop = asyncio.get_running_loop()
+    real = loop.create_connection
 
-    def factory(addr_info: tuple[int, int, int, str, tuple[object, ...]]) -> socket.socket:
-        family, kind, proto, _, address = addr_info
-        connected.append(str(address[0]))
-        return socket.socket(family, kind, proto)
+    async def recording(*args: Any, **kwargs: Any) -> Any:
+        addresses.append(str(args[1]))
+        return await real(*args, **kwargs)
 
-    return factory
+    monkeypatch.setattr(loop, "create_connection", recording)
+    return addresses
 
 
-async def test_request_to_localhost_goes_through_the_policy_resolver(receiver: Receiver) -> None:
+async def post(client: Client, url: str) -> int:
+    try:
+        response = await client.request("POST", url, [], b"{}", max_body_bytes=1024)
+    finally:
+        await client.close()
+    return response.status
+
+
+async def test_request_to_localhost_goes_through_the_policy_resolver(
+    receiver: Receiver, connected: list[str]
+) -> None:
     """A target named by hostname (localhost) is resolved, checked and delivered to."""
-    connected: list[str] = []
-    conn = connector(DEFAULT, socket_factory=recording_socket_factory(connected))
-    async with (
-        aiohttp.ClientSession(connector=conn) as session,
-        session.get(f"http://localhost:{receiver.port}/hook") as response,
-    ):
-        assert response.status == 200
+    assert await post(Client(DEFAULT), f"http://localhost:{receiver.port}/hook") == 200
     assert len(receiver.requests) == 1
     # localhost may resolve to ::1 as well; the receiver serves 127.0.0.1 only.
     assert "127.0.0.1" in connected
     assert set(connected) <= {"127.0.0.1", "::1"}
 
 
-async def test_connection_goes_to_the_checked_address(receiver: Receiver) -> None:
+async def test_connection_goes_to_the_checked_address(
+    receiver: Receiver, connected: list[str]
+) -> None:
     """Of a host's addresses only the allowed ones are connected to; there is no second lookup."""
     inner = FakeResolver({"mixed.internal": ["169.254.169.254", "127.0.0.1"]})
-    connected: list[str] = []
-    conn = connector(DEFAULT, inner=inner, socket_factory=recording_socket_factory(connected))
-    async with (
-        aiohttp.ClientSession(connector=conn) as session,
-        session.get(f"http://mixed.internal:{receiver.port}/hook") as response,
-    ):
-        assert response.status == 200
+    client = Client(DEFAULT, resolver=inner)
+    assert await post(client, f"http://mixed.internal:{receiver.port}/hook") == 200
     assert connected == ["127.0.0.1"]
     assert len(inner.lookups) == 1
     assert receiver.requests[0].headers["Host"] == f"mixed.internal:{receiver.port}"
 
 
-async def test_request_to_a_link_local_host_fails_without_connecting() -> None:
+async def test_request_to_a_link_local_host_fails_without_connecting(
+    connected: list[str],
+) -> None:
     """A hostname resolving to the metadata address fails with the policy reason, unsent."""
     inner = FakeResolver({"metadata.internal": ["169.254.169.254"]})
-    connected: list[str] = []
-    conn = connector(DEFAULT, inner=inner, socket_factory=recording_socket_factory(connected))
-    async with aiohttp.ClientSession(connector=conn) as session:
-        with pytest.raises(aiohttp.ClientError) as caught:
-            async with session.get("http://metadata.internal/latest/meta-data"):
-                pass
-    assert isinstance(caught.value, aiohttp.ClientConnectorDNSError)
-    assert (
+    with pytest.raises(PolicyRefusal) as caught:
+        await post(Client(DEFAULT, resolver=inner), "http://metadata.internal/latest/meta-data")
+    assert str(caught.value) == (
         "outbound network policy refused every address of metadata.internal: "
         f"169.254.169.254 {LINK_LOCAL_ADVICE}"
-    ) in str(caught.value)
+    )
     assert connected == []
 
 
-async def test_ip_literal_urls_skip_the_resolver(receiver: Receiver) -> None:
-    """aiohttp connects to an IP-literal URL without asking the resolver: check_url is the check."""
+async def test_ip_literal_urls_skip_the_resolver(receiver: Receiver, connected: list[str]) -> None:
+    """An allowed IP-literal URL is connected to as it is, without a lookup."""
     inner = FakeResolver({})
-    conn = connector(DEFAULT, inner=inner)
-    url = f"http://127.0.0.1:{receiver.port}/hook"
-    assert check_url(url, DEFAULT) is None
-    async with (
-        aiohttp.ClientSession(connector=conn) as session,
-        session.get(url) as response,
-    ):
-        assert response.status == 200
+    assert await post(Client(DEFAULT, resolver=inner), receiver.url) == 200
     assert inner.lookups == []
+    assert connected == ["127.0.0.1"]
 
 
-async def test_hex_encoded_metadata_address_is_refused_after_resolution() -> None:
-    """http://0xa9fea9fe/ is no IP literal to aiohttp, but getaddrinfo makes it 169.254.169.254."""
+async def test_link_local_ip_literal_is_refused_without_connecting(connected: list[str]) -> None:
+    """http://169.254.169.254/ is refused by the policy before any connection."""
+    with pytest.raises(PolicyRefusal) as caught:
+        await post(Client(DEFAULT), "http://169.254.169.254/latest/meta-data")
+    assert str(caught.value) == f"outbound network policy: 169.254.169.254 {LINK_LOCAL_ADVICE}"
+    assert connected == []
+
+
+async def test_hex_encoded_metadata_address_is_refused_after_resolution(
+    connected: list[str],
+) -> None:
+    """http://0xa9fea9fe/ is no IP literal to the URL parser, but getaddrinfo makes it
+    169.254.169.254: the resolved address is what is checked."""
     try:  # numeric parsing only: if this libc would send it to DNS, do not send anything
         socket.getaddrinfo("0xa9fea9fe", 80, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
     except socket.gaierror:
         pytest.skip("this libc does not parse 0xa9fea9fe as an address")
-    connected: list[str] = []
-    conn = connector(DEFAULT, socket_factory=recording_socket_factory(connected))
-    async with aiohttp.ClientSession(connector=conn) as session:
-        with pytest.raises(aiohttp.ClientConnectorDNSError) as caught:
-            async with session.get("http://0xa9fea9fe/latest/meta-data"):
-                pass
+    with pytest.raises(PolicyRefusal) as caught:
+        await post(Client(DEFAULT), "http://0xa9fea9fe/latest/meta-data")
     assert f"169.254.169.254 {LINK_LOCAL_ADVICE}" in str(caught.value)
     assert connected == []

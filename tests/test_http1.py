@@ -1,0 +1,271 @@
+"""relay's outbound HTTP/1.1 client against real servers on 127.0.0.1.
+
+Well-behaved targets are the conftest receiver (aiohttp); misbehaving ones are raw
+asyncio servers that answer with exactly the bytes a test gives them, so framing,
+garbage, early closes and silence are what a real socket delivers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import trustme
+
+from relay.http1 import Client, RequestError, Response
+from relay.netpolicy import NetworkPolicy
+
+Answer = Callable[[bytes], bytes | None]  # request bytes so far -> reply (None: wait for more)
+
+
+class RawServer:
+    """Answers each request with `answer(request bytes)`; counts connections; `close_after`
+    closes a connection once it has answered."""
+
+    def __init__(self, answer: Answer, *, close_after: bool = False) -> None:
+        self.answer = answer
+        self.close_after = close_after
+        self.connections = 0
+        self.received: list[bytes] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        buffer = b""
+        try:
+            while chunk := await reader.read(65536):
+                buffer += chunk
+                reply = self.answer(buffer)
+                if reply is None:
+                    continue
+                self.received.append(buffer)
+                buffer = b""
+                writer.write(reply)
+                await writer.drain()
+                if self.close_after:
+                    break
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> RawServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+
+def whole_request(reply: bytes) -> Answer:
+    """Reply once the request's head and its Content-Length of body have arrived."""
+
+    def answer(data: bytes) -> bytes | None:
+        head, found, body = data.partition(b"\r\n\r\n")
+        if not found:
+            return None
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        return reply if len(body) >= length else None
+
+    return answer
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[Client]:
+    client = Client(NetworkPolicy.of())
+    yield client
+    await client.close()
+
+
+async def post(client: Client, url: str, body: bytes = b"{}", limit: int = 65536) -> Response:
+    return await client.request(
+        "POST", url, [("Content-Type", "application/json")], body, max_body_bytes=limit
+    )
+
+
+async def test_requests_reuse_one_kept_alive_connection(client: Client) -> None:
+    """Requests one after another to a keep-alive target share one connection."""
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with RawServer(whole_request(reply)) as server:
+        for _ in range(5):
+            response = await post(client, server.url)
+            assert response == await post(client, server.url)
+    assert server.connections == 1
+    assert len(server.received) == 10
+
+
+async def test_request_carries_method_path_host_length_and_headers_exactly(
+    client: Client,
+) -> None:
+    """The target gets the method, path and query, Host, the given headers in their order
+    (repeats kept), Content-Length and the body byte for byte; nothing else is added."""
+    async with RawServer(
+        whole_request(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    ) as server:
+        headers = [("X-One", "1"), ("x-two", "zwei"), ("X-One", "again")]
+        response = await client.request(
+            "PUT", f"{server.url}?a=1&b=%20", headers, b"\x00body\xff", max_body_bytes=10
+        )
+    assert (response.status, response.body) == (200, b"ok")
+    assert server.received == [
+        b"PUT /hook?a=1&b=%20 HTTP/1.1\r\n"
+        + f"Host: 127.0.0.1:{server.port}\r\n".encode()
+        + b"X-One: 1\r\nx-two: zwei\r\nX-One: again\r\nContent-Length: 6\r\n\r\n\x00body\xff"
+    ]
+
+
+async def test_body_beyond_the_limit_is_cut_and_the_connection_dropped(client: Client) -> None:
+    """At most max_body_bytes of a long answer are kept; the rest is not waited for."""
+    reply = b"HTTP/1.1 500 Oops\r\nContent-Length: 100000\r\n\r\n" + b"x" * 5000
+    async with RawServer(whole_request(reply)) as server:
+        response = await post(client, server.url, limit=1000)
+        assert (response.status, response.body) == (500, b"x" * 1000)
+        await post(client, server.url, limit=1000)
+    assert server.connections == 2
+
+
+async def test_chunked_and_close_delimited_bodies_are_read_whole(client: Client) -> None:
+    """A chunked body is reassembled; a body without length ends where the connection does."""
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    )
+    async with RawServer(whole_request(chunked)) as server:
+        assert (await post(client, server.url)).body == b"abcde"
+    until_close = b"HTTP/1.1 202 Accepted\r\nConnection: close\r\n\r\nall of it"
+    async with RawServer(whole_request(until_close), close_after=True) as server:
+        response = await post(client, server.url)
+    assert (response.status, response.body) == (202, b"all of it")
+
+
+async def test_interim_response_is_skipped_and_retry_after_is_read(client: Client) -> None:
+    """A 100 Continue before the answer is passed over; Retry-After comes back as sent."""
+    reply = (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 503 Busy\r\nRetry-After: 120\r\nContent-Length: 4\r\n\r\nbusy"
+    )
+    async with RawServer(whole_request(reply)) as server:
+        response = await post(client, server.url)
+    assert (response.status, response.retry_after, response.body) == (503, "120", b"busy")
+
+
+async def test_redirect_is_returned_not_followed(client: Client) -> None:
+    """A 302 is the answer: its Location is not visited."""
+    reply = b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:9/x\r\nContent-Length: 0\r\n\r\n"
+    async with RawServer(whole_request(reply)) as server:
+        response = await post(client, server.url)
+    assert response.status == 302
+    assert len(server.received) == 1
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        (b"SMTP ready\r\n\r\n", "invalid HTTP response"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "connection closed before"),
+        (b"", "connection closed before"),
+    ],
+)
+async def test_garbage_or_truncated_answers_are_errors(
+    client: Client, reply: bytes, reason: str
+) -> None:
+    """Garbage, a body shorter than its length, or a close without an answer: a one-line error."""
+    async with RawServer(whole_request(reply), close_after=True) as server:
+        with pytest.raises(RequestError) as caught:
+            await post(client, server.url)
+    assert str(caught.value).startswith(reason)
+    assert "\n" not in str(caught.value)
+
+
+async def test_a_silent_target_is_bounded_by_the_callers_timeout(client: Client) -> None:
+    """A target that never answers holds the request only as long as the caller's timeout,
+    and its connection is not reused afterwards."""
+    async with RawServer(lambda _data: None) as server:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await post(client, server.url)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await post(client, server.url)
+    assert server.connections == 2
+
+
+async def test_connection_closed_by_the_target_is_not_reused(client: Client) -> None:
+    """After `Connection: close` the next request opens a new connection and succeeds."""
+    reply = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    async with RawServer(whole_request(reply), close_after=True) as server:
+        for _ in range(3):
+            assert (await post(client, server.url)).status == 200
+    assert server.connections == 3
+
+
+async def test_header_with_a_line_break_is_refused_unsent(client: Client) -> None:
+    """A header value with CR/LF would smuggle a header or request: it is refused, unsent."""
+    async with RawServer(whole_request(b"HTTP/1.1 200 OK\r\n\r\n")) as server:
+        with pytest.raises(RequestError, match="line break"):
+            await client.request(
+                "POST", server.url, [("X-Evil", "a\r\nX-Injected: 1")], b"", max_body_bytes=10
+            )
+    assert server.connections == 0
+
+
+async def test_credentials_in_the_url_become_basic_authorization(client: Client) -> None:
+    """http://user:secret@host/ sends `Authorization: Basic` and not the credentials in Host."""
+    reply = b"HTTP/1.1 204 No Content\r\n\r\n"
+    async with RawServer(whole_request(reply)) as server:
+        url = f"http://ops:s%40cret@127.0.0.1:{server.port}/hook"
+        assert (await post(client, url)).status == 204
+    token = base64.b64encode(b"ops:s@cret").decode()
+    assert f"Authorization: Basic {token}\r\n".encode() in server.received[0]
+    assert f"Host: 127.0.0.1:{server.port}\r\n".encode() in server.received[0]
+
+
+async def test_https_target_is_verified_against_the_trusted_authorities() -> None:
+    """An https target is reached over TLS when its certificate is trusted, and refused with
+    the verification failure when it is not."""
+    authority = trustme.CA()
+    certificate = authority.issue_cert("localhost")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certificate.configure_cert(server_context)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecure")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_context)
+    url = f"https://localhost:{server.sockets[0].getsockname()[1]}/hook"
+    trusting_context = ssl.create_default_context()
+    authority.configure_trust(trusting_context)
+    trusting = Client(NetworkPolicy.of(), ssl_context=trusting_context)
+    untrusting = Client(NetworkPolicy.of())
+    try:
+        assert (await post(trusting, url)).body == b"secure"
+        with pytest.raises(RequestError, match="TLS certificate of localhost"):
+            await post(untrusting, url)
+    finally:
+        await trusting.close()
+        await untrusting.close()
+        server.close()
+
+
+async def test_connection_refused_names_the_address(client: Client) -> None:
+    """Nothing listening: the error says where it could not connect."""
+    async with RawServer(whole_request(b"")) as server:
+        url = server.url
+    with pytest.raises(RequestError) as caught:
+        await post(client, url)
+    assert str(caught.value).startswith(f"cannot connect to 127.0.0.1:{server.port}: ")
