@@ -364,7 +364,9 @@ class Lane:
             next_at_ms=int((step.next_at_s or 0) * 1000),
             reason=step.reason,
         )
-        await self._note_target_health(outcome, result, started_s)
+        change = self._note_target_health(outcome, result, started_s)
+        if change is not None:
+            await self._pause_changed(change, result)
         try:
             await self._journal.record(record)
         except JournalError as error:
@@ -382,16 +384,17 @@ class Lane:
             names |= {target.sign.header.lower()}
         return names
 
-    async def _note_target_health(
+    def _note_target_health(
         self, outcome: policy.Outcome, result: AttemptResult, started_s: float
-    ) -> None:
-        """Feed the pause state machine; log, persist and drain on a change."""
+    ) -> policy.PauseChange | None:
+        """Feed the pause state machine; its change, if this attempt made one."""
         failed = policy.is_target_failure(outcome)
         if failed:
             self.last_error = result.failure
-        change = self.pause.record(not failed, time.time(), started_s=started_s)
-        if change is None:
-            return
+        return self.pause.record(not failed, time.time(), started_s=started_s)
+
+    async def _pause_changed(self, change: policy.PauseChange, result: AttemptResult) -> None:
+        """Log and persist a pause or resume; a resumed target is drained at once."""
         name = self.target.name
         if change.kind == "paused":
             log.warning("target.paused", target=name, reason=result.failure, for_s=change.for_s)
