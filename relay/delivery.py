@@ -61,14 +61,14 @@ class AttemptResult:
 async def send(client: http1.Client, request: OutboundRequest, timeout_s: float) -> AttemptResult:
     """One HTTP attempt; never raises for network trouble, it returns it."""
     try:
-        async with asyncio.timeout(timeout_s):
-            response = await client.request(
-                request.method,
-                request.url,
-                request.headers.items(),
-                request.body,
-                max_body_bytes=MAX_RESPONSE_BYTES,
-            )
+        response = await client.request(
+            request.method,
+            request.url,
+            request.headers.items(),
+            request.body,
+            max_body_bytes=MAX_RESPONSE_BYTES,
+            timeout_s=timeout_s,
+        )
     except TimeoutError:
         return AttemptResult(None, f"timeout after {timeout_s:g}s")
     except http1.PolicyRefusal as error:

@@ -203,9 +203,17 @@ class _Connection(asyncio.Protocol):
             waiter.set_result((Response(self._status, self._retry_after, body), reusable))
 
     def _fail(self, reason: str) -> None:
+        self._raise(RequestError(reason))
+
+    def expire(self) -> None:
+        """The request's time is up: it fails with TimeoutError, the connection is dropped."""
+        self._raise(TimeoutError())
+        self.abort()
+
+    def _raise(self, error: Exception) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
-            waiter.set_exception(RequestError(reason))
+            waiter.set_exception(error)
 
 
 class Client:
@@ -236,12 +244,18 @@ class Client:
         body: bytes,
         *,
         max_body_bytes: int,
+        timeout_s: float,
     ) -> Response:
-        """One request. Raises RequestError (PolicyRefusal) or OSError; bound it with a timeout:
-        a cancelled request's connection is dropped, never reused."""
+        """One request within `timeout_s` (TimeoutError), connecting included. Raises
+        RequestError (PolicyRefusal) or OSError; a failed request's connection is dropped."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         endpoint = _endpoint(url)
         head = request_head(method, endpoint, headers, len(body))
-        connection = self._take(endpoint.origin) or await self._connect(endpoint)
+        connection = self._take(endpoint.origin)
+        if connection is None:
+            connection = await asyncio.wait_for(self._connect(endpoint), timeout_s)
+        timer = loop.call_at(deadline, connection.expire)  # cheaper than asyncio.timeout
         try:
             response, reusable = await connection.exchange(
                 [head, body], max_body_bytes, head_only=method == "HEAD"
@@ -249,6 +263,8 @@ class Client:
         except BaseException:
             connection.abort()
             raise
+        finally:
+            timer.cancel()
         if reusable and not connection.closed:
             self._put(endpoint.origin, connection)
         else:

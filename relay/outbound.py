@@ -78,15 +78,13 @@ class OutboundRequest:
 
 
 def _without(pairs: Iterable[tuple[str, str]], drop: frozenset[str]) -> CIMultiDict[str]:
-    pairs = list(pairs)
-    named_by_connection = {
-        token.strip().lower()
-        for name, value in pairs
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
-    gone = drop | named_by_connection
-    return CIMultiDict((name, value) for name, value in pairs if name.lower() not in gone)
+    """The pairs without `drop` and without the headers a Connection header names."""
+    named = [(name.lower(), name, value) for name, value in pairs]
+    gone: frozenset[str] = drop
+    for lower, _, value in named:
+        if lower == "connection":
+            gone = gone | {token.strip().lower() for token in value.split(",")}
+    return CIMultiDict([(name, value) for lower, name, value in named if lower not in gone])
 
 
 def transform_body(

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 import trustme
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from relay.http1 import Client, RequestError, Response
 from relay.netpolicy import NetworkPolicy
@@ -89,10 +90,13 @@ async def client() -> AsyncIterator[Client]:
     await client.close()
 
 
-async def post(client: Client, url: str, body: bytes = b"{}", limit: int = 65536) -> Response:
+async def post(
+    client: Client, url: str, body: bytes = b"{}", limit: int = 65536, timeout_s: float = 10
+) -> Response:
     return await client.request(
-        "POST", url, [("Content-Type", "application/json")], body, max_body_bytes=limit
-    )
+        "POST", url, [("Content-Type", "application/json")], body,
+        max_body_bytes=limit, timeout_s=timeout_s,
+    )  # fmt: skip
 
 
 async def test_requests_reuse_one_kept_alive_connection(client: Client) -> None:
@@ -116,7 +120,12 @@ async def test_request_carries_method_path_host_length_and_headers_exactly(
     ) as server:
         headers = [("X-One", "1"), ("x-two", "zwei"), ("X-One", "again")]
         response = await client.request(
-            "PUT", f"{server.url}?a=1&b=%20", headers, b"\x00body\xff", max_body_bytes=10
+            "PUT",
+            f"{server.url}?a=1&b=%20",
+            headers,
+            b"\x00body\xff",
+            max_body_bytes=10,
+            timeout_s=10,
         )
     assert (response.status, response.body) == (200, b"ok")
     assert server.received == [
@@ -188,17 +197,34 @@ async def test_garbage_or_truncated_answers_are_errors(
     assert "\n" not in str(caught.value)
 
 
-async def test_a_silent_target_is_bounded_by_the_callers_timeout(client: Client) -> None:
-    """A target that never answers holds the request only as long as the caller's timeout,
-    and its connection is not reused afterwards."""
+async def test_a_silent_target_is_bounded_by_the_timeout(client: Client) -> None:
+    """A target that never answers holds a request only for its timeout, and the
+    connection is not reused afterwards."""
     async with RawServer(lambda _data: None) as server:
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.2):
-                await post(client, server.url)
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.2):
-                await post(client, server.url)
+        for _ in range(2):
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(TimeoutError):
+                await post(client, server.url, timeout_s=0.2)
+            assert asyncio.get_running_loop().time() - started < 5
     assert server.connections == 2
+
+
+async def test_connecting_counts_against_the_timeout() -> None:
+    """A connection that cannot be made within the timeout (a lookup that hangs) ends in
+    TimeoutError too."""
+
+    class Hanging(AbstractResolver):
+        async def resolve(self, host: str, port: int = 0, family: int = 0) -> list[ResolveResult]:
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        async def close(self) -> None:
+            pass
+
+    client = Client(NetworkPolicy.of(), resolver=Hanging())
+    with pytest.raises(TimeoutError):
+        await post(client, "http://never.internal/hook", timeout_s=0.2)
+    await client.close()
 
 
 async def test_connection_closed_by_the_target_is_not_reused(client: Client) -> None:
@@ -215,7 +241,12 @@ async def test_header_with_a_line_break_is_refused_unsent(client: Client) -> Non
     async with RawServer(whole_request(b"HTTP/1.1 200 OK\r\n\r\n")) as server:
         with pytest.raises(RequestError, match="line break"):
             await client.request(
-                "POST", server.url, [("X-Evil", "a\r\nX-Injected: 1")], b"", max_body_bytes=10
+                "POST",
+                server.url,
+                [("X-Evil", "a\r\nX-Injected: 1")],
+                b"",
+                max_body_bytes=10,
+                timeout_s=10,
             )
     assert server.connections == 0
 

@@ -287,7 +287,7 @@ async def connected(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 async def post(client: Client, url: str) -> int:
     try:
-        response = await client.request("POST", url, [], b"{}", max_body_bytes=1024)
+        response = await client.request("POST", url, [], b"{}", max_body_bytes=1024, timeout_s=10)
     finally:
         await client.close()
     return response.status
