@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, TextIO
 
@@ -57,6 +58,21 @@ def _journald_prefix(
     return event_dict
 
 
+_second: tuple[int, str] = (-1, "")
+
+
+def _timestamp(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> Any:
+    """`ts` as structlog's TimeStamper(fmt="iso", utc=True) writes it (2026-11-28T19:00:00.
+    123456Z), with the date and time formatted once per second rather than once per line."""
+    global _second
+    now_us = time.time_ns() // 1000
+    second = now_us // 1_000_000
+    if _second[0] != second:
+        _second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    event_dict["ts"] = f"{_second[1]}.{now_us % 1_000_000:06d}Z"
+    return event_dict
+
+
 class _PrefixedJSON:
     """Render JSON; with `_priority` set, prefix the line with `<N>` for journald."""
 
@@ -72,7 +88,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     as_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     processors: list[Any] = [
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+        _timestamp,
         structlog.processors.format_exc_info,
     ]
     if as_json:

@@ -1,0 +1,61 @@
+"""The log pipeline's own parts, without a daemon."""
+
+from __future__ import annotations
+
+import datetime
+import io
+from collections.abc import Iterator
+
+import orjson
+import pytest
+import structlog
+
+from relay import logs
+
+
+@pytest.fixture
+def restored_structlog() -> Iterator[None]:
+    """Put structlog's configuration back as it was after a test that configures it."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+@pytest.mark.parametrize(
+    "now_ns",
+    [
+        1_764_356_400_123_456_789,  # 2025-11-28T19:00:00.123456789
+        1_764_356_400_000_000_000,  # on the second: still six digits
+        1_764_356_459_999_999_999,  # the last microsecond of a minute
+    ],
+)
+def test_timestamp_is_utc_iso_with_microseconds(
+    monkeypatch: pytest.MonkeyPatch, now_ns: int
+) -> None:
+    """`ts` is the instant in UTC, ISO 8601 with six fraction digits and a Z, as
+    structlog's TimeStamper(fmt="iso", utc=True) writes it."""
+    monkeypatch.setattr(logs.time, "time_ns", lambda: now_ns)
+    stamp = logs._timestamp(None, "info", {})["ts"]
+    instant = datetime.datetime.fromtimestamp(now_ns // 1000 / 1e6, datetime.UTC)
+    assert stamp == instant.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@pytest.mark.usefixtures("restored_structlog")
+def test_each_json_line_carries_the_time_of_its_own_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Lines written across a second boundary each show their own second (the cached
+    date and time never leak into the next second)."""
+    clock = iter([1_764_356_400_999_999_000, 1_764_356_401_000_001_000])
+    monkeypatch.setattr(logs.time, "time_ns", lambda: next(clock))
+    out = io.BytesIO()
+    stream = io.TextIOWrapper(out, write_through=True)
+    logs.configure("json", "info", stream)
+    log = logs.get_logger().bind()
+    log.info("first")
+    log.info("second")
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["ts"] for line in lines] == [
+        "2025-11-28T19:00:00.999999Z",
+        "2025-11-28T19:00:01.000001Z",
+    ]
