@@ -22,7 +22,9 @@ import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
+import aiohappyeyeballs
 import httptools
 from aiohttp.abc import AbstractResolver
 from aiohttp.helpers import is_ip_address
@@ -31,8 +33,15 @@ from yarl import URL
 from relay.netpolicy import NetworkPolicy, PolicyRefused, PolicyResolver, check_host
 
 DNS_TTL_S = 60.0
-IDLE_TIMEOUT_S = 15.0  # an idle connection older than this is closed, not reused
+IDLE_TIMEOUT_S = 15.0  # an idle connection is closed after this long
 MAX_IDLE_PER_ORIGIN = 256
+MAX_HEAD_BYTES = 64 * 1024  # a response's status line and headers
+HAPPY_EYEBALLS_DELAY_S = 0.25  # the next address is tried if a connect takes this long
+# Framing is the client's: these are never taken from the caller (Host replaces its own).
+_CLIENT_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "upgrade", "keep-alive",
+     "te", "trailer"}
+)  # fmt: skip
 
 Origin = tuple[str, str, int]  # scheme, host, port
 
@@ -65,7 +74,9 @@ def _endpoint(url: str) -> _Endpoint:
     parsed = URL(url)
     if parsed.scheme not in ("http", "https") or not parsed.raw_host:
         raise RequestError(f"not an http(s) URL: {url}")
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    port = parsed.port
+    if not port:
+        raise RequestError(f"no usable port in {url}")
     host = parsed.raw_host
     shown = f"[{host}]" if ":" in host else host
     authorization = None
@@ -83,17 +94,27 @@ def _endpoint(url: str) -> _Endpoint:
 def request_head(
     method: str, endpoint: _Endpoint, headers: Iterable[tuple[str, str]], length: int
 ) -> bytes:
-    """The request line and headers; RequestError if a header would break the framing."""
-    lines = [f"{method} {endpoint.target} HTTP/1.1\r\nHost: {endpoint.host_header}\r\n"]
+    """The request line and headers; RequestError if a header would break the framing.
+
+    A `Host` among `headers` (an operator's virtual host) replaces the URL's; other
+    framing headers (Content-Length, Transfer-Encoding, Connection...) are the client's.
+    """
+    host = endpoint.host_header
+    lines = [""]  # the request line and Host, once Host is known
     for name, value in headers:
+        if name.lower() in _CLIENT_HEADERS:
+            if name.lower() == "host":
+                host = value
+            continue
         lines.append(f"{name}: {value}\r\n")
     if endpoint.authorization is not None:
         lines.append(f"Authorization: {endpoint.authorization}\r\n")
+    lines[0] = f"{method} {endpoint.target} HTTP/1.1\r\nHost: {host}\r\n"
     lines.append(f"Content-Length: {length}\r\n\r\n")
     text = "".join(lines)
     breaks = len(lines) + 2  # a CRLF per line; the first and last entries hold two each
-    if text.count("\n") != breaks or text.count("\r") != breaks:
-        raise RequestError("a header name or value contains a line break")
+    if text.count("\n") != breaks or text.count("\r") != breaks or "\0" in text:
+        raise RequestError("a header name or value contains a line break or NUL")
     return text.encode("utf-8", "surrogateescape")
 
 
@@ -104,7 +125,12 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
+        self.answered = False  # any byte of an answer to the current request arrived
         self._parser = httptools.HttpResponseParser(self)
+        # Responses are only read, never passed on: accept bare LF and folded headers.
+        self._parser.set_dangerous_leniencies(
+            lenient_optional_cr_before_lf=True, lenient_headers=True
+        )
         self._waiter: asyncio.Future[tuple[Response, bool]] | None = None
         self._limit = 0
         self._head_only = False
@@ -115,6 +141,7 @@ class _Connection(asyncio.Protocol):
         self._retry_after: str | None = None
         self._framed = False  # Content-Length or chunked: the body does not end at close
         self._headers_done = False
+        self._head_bytes = 0
         self._chunks: list[bytes] = []
         self._size = 0
 
@@ -122,14 +149,21 @@ class _Connection(asyncio.Protocol):
         self, data: list[bytes], max_body_bytes: int, head_only: bool
     ) -> asyncio.Future[tuple[Response, bool]]:
         """Send a request; the future gives (response, whether the connection is reusable)."""
-        assert self.transport is not None, "connection_made came first"
         assert self._waiter is None, "one request at a time"
         self._reset()
+        self.answered = False
         self._limit = max_body_bytes
         self._head_only = head_only
-        self._waiter = asyncio.get_running_loop().create_future()
-        self.transport.writelines(data)
-        return self._waiter
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        if self.closed or self.transport is None or self.transport.is_closing():
+            self._fail("connection closed before the request was sent")
+            return waiter
+        try:
+            self.transport.writelines(data)
+        except (RuntimeError, OSError) as error:  # uvloop: the transport closed meanwhile
+            self._fail(f"connection closed before the request was sent: {error}")
+            self.abort()
+        return waiter
 
     def close(self) -> None:
         self.closed = True
@@ -137,6 +171,7 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def abort(self) -> None:
+        """Close now, whatever is still unsent (a target that stopped reading holds nothing)."""
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
@@ -150,10 +185,20 @@ class _Connection(asyncio.Protocol):
         if self._waiter is None:  # nothing was asked: a server talking out of turn
             self.abort()
             return
+        self.answered = True
+        if not self._headers_done:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(f"response head larger than {MAX_HEAD_BYTES} bytes")
+                self.abort()
+                return
         try:
             self._parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
-            self._fail(f"invalid HTTP response: {error or type(error).__name__}")
+        except httptools.HttpParserUpgrade:
+            self._fail("invalid HTTP response: a protocol upgrade")
+            self.abort()
+        except httptools.HttpParserError as error:
+            self._fail(f"invalid HTTP response: {error}")
             self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -166,11 +211,19 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self._waiter is None:  # bytes after the answer: the connection is not clean
+            self.abort()
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headers_done:
+            return  # a chunked body's trailers: not the response's headers
         lower = name.lower()
         if lower == b"retry-after":
             self._retry_after = value.decode("latin-1")
-        elif lower in (b"content-length", b"transfer-encoding"):
+        elif lower == b"content-length" or (
+            lower == b"transfer-encoding" and value.lower().rstrip().endswith(b"chunked")
+        ):
             self._framed = True
 
     def on_headers_complete(self) -> None:
@@ -220,7 +273,8 @@ class Client:
     """Keep-alive connections per origin, resolved and checked by the network policy.
 
     `resolver` does the lookups (default: aiohttp's ThreadedResolver, getaddrinfo in a
-    thread); answers are cached for DNS_TTL_S. Close with `close()`.
+    thread); answers are cached for DNS_TTL_S. Idle connections are closed after
+    IDLE_TIMEOUT_S. Close with `close()`.
     """
 
     def __init__(
@@ -235,6 +289,7 @@ class Client:
         self._ssl_context = ssl_context
         self._idle: dict[Origin, list[_Connection]] = {}
         self._dns: dict[tuple[str, int], tuple[float, list[str]]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def request(
         self,
@@ -247,18 +302,38 @@ class Client:
         timeout_s: float,
     ) -> Response:
         """One request within `timeout_s` (TimeoutError), connecting included. Raises
-        RequestError (PolicyRefusal) or OSError; a failed request's connection is dropped."""
+        RequestError (PolicyRefusal) or OSError; a failed request's connection is dropped.
+
+        A kept-alive connection the target closed while it was idle fails without a byte
+        of answer; the request is then sent once more on a new connection."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         endpoint = _endpoint(url)
-        head = request_head(method, endpoint, headers, len(body))
+        data = [request_head(method, endpoint, headers, len(body)), body]
         connection = self._take(endpoint.origin)
-        if connection is None:
-            connection = await asyncio.wait_for(self._connect(endpoint), timeout_s)
+        if connection is not None:
+            try:
+                return await self._exchange(endpoint, connection, data, max_body_bytes, deadline)
+            except RequestError:
+                if connection.answered:
+                    raise
+        remaining_s = deadline - loop.time()
+        connection = await asyncio.wait_for(self._connect(endpoint), remaining_s)
+        return await self._exchange(endpoint, connection, data, max_body_bytes, deadline)
+
+    async def _exchange(
+        self,
+        endpoint: _Endpoint,
+        connection: _Connection,
+        data: list[bytes],
+        max_body_bytes: int,
+        deadline: float,
+    ) -> Response:
+        loop = asyncio.get_running_loop()
         timer = loop.call_at(deadline, connection.expire)  # cheaper than asyncio.timeout
         try:
             response, reusable = await connection.exchange(
-                [head, body], max_body_bytes, head_only=method == "HEAD"
+                data, max_body_bytes, head_only=data[0].startswith(b"HEAD ")
             )
         except BaseException:
             connection.abort()
@@ -268,7 +343,7 @@ class Client:
         if reusable and not connection.closed:
             self._put(endpoint.origin, connection)
         else:
-            connection.close()
+            connection.abort()
         return response
 
     def _take(self, origin: Origin) -> _Connection | None:
@@ -276,9 +351,15 @@ class Client:
         stale_before = time.monotonic() - IDLE_TIMEOUT_S
         while idle:
             connection = idle.pop()
-            if not connection.closed and connection.idle_since > stale_before:
+            transport = connection.transport
+            if (
+                not connection.closed
+                and transport is not None
+                and not transport.is_closing()
+                and connection.idle_since > stale_before
+            ):
                 return connection
-            connection.close()
+            connection.abort()
         return None
 
     def _put(self, origin: Origin, connection: _Connection) -> None:
@@ -288,28 +369,50 @@ class Client:
             return
         connection.idle_since = time.monotonic()
         idle.append(connection)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(IDLE_TIMEOUT_S, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle for IDLE_TIMEOUT_S, and forget origins with none left."""
+        self._sweeper = None
+        stale_before = time.monotonic() - IDLE_TIMEOUT_S
+        for origin, idle in list(self._idle.items()):
+            keep = [c for c in idle if not c.closed and c.idle_since > stale_before]
+            for connection in idle:
+                if connection not in keep:
+                    connection.close()
+            if keep:
+                self._idle[origin] = keep
+            else:
+                del self._idle[origin]
+        if self._idle:
+            self._sweeper = asyncio.get_running_loop().call_later(IDLE_TIMEOUT_S, self._sweep)
 
     async def _connect(self, endpoint: _Endpoint) -> _Connection:
+        """A new connection to one of the origin's allowed addresses (happy eyeballs)."""
         scheme, host, port = endpoint.origin
         addresses = await self._addresses(host, port)
+        infos = [_address_info(address, port) for address in addresses]
+        try:
+            sock = await aiohappyeyeballs.start_connection(
+                infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY_S, interleave=1
+            )
+        except OSError as error:
+            raise RequestError(f"cannot connect to {host}:{port}: {error}") from None
         context = self._tls() if scheme == "https" else None
-        loop = asyncio.get_running_loop()
-        failure: OSError | None = None
-        for address in addresses:
-            try:
-                transport, connection = await loop.create_connection(
-                    _Connection, address, port, ssl=context,
-                    server_hostname=host if context is not None else None,
-                )  # fmt: skip
-                connection.connection_made(transport)  # uvloop may call it only after this
-                return connection
-            except ssl.SSLCertVerificationError as error:
-                raise RequestError(f"TLS certificate of {host}: {error.verify_message}") from None
-            except ssl.SSLError as error:
-                raise RequestError(f"TLS with {host}: {error.reason or error}") from None
-            except OSError as error:
-                failure = error
-        raise RequestError(f"cannot connect to {host}:{port}: {failure}")
+        try:
+            transport, connection = await asyncio.get_running_loop().create_connection(
+                _Connection, sock=sock, ssl=context,
+                server_hostname=host.rstrip(".") if context is not None else None,
+            )  # fmt: skip
+        except ssl.SSLCertVerificationError as error:
+            raise RequestError(f"TLS certificate of {host}: {error.verify_message}") from None
+        except ssl.SSLError as error:
+            raise RequestError(f"TLS with {host}: {error.reason or error}") from None
+        except OSError as error:
+            raise RequestError(f"cannot connect to {host}:{port}: {error}") from None
+        connection.connection_made(transport)  # uvloop may call it only after this
+        return connection
 
     async def _addresses(self, host: str, port: int) -> list[str]:
         """The addresses to try, every one allowed by the policy."""
@@ -326,7 +429,7 @@ class Client:
             results = await self._resolver.resolve(host, port, family=socket.AF_UNSPEC)
         except PolicyRefused as error:
             raise PolicyRefusal(error.reason) from None
-        except OSError as error:
+        except (OSError, UnicodeError, ValueError) as error:  # bad names fail in the codec
             raise RequestError(f"cannot resolve {host}: {error}") from None
         addresses = [str(result["host"]) for result in results]
         if not addresses:
@@ -341,8 +444,18 @@ class Client:
 
     async def close(self) -> None:
         """Close every idle connection, and the resolver."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for idle in self._idle.values():
             for connection in idle:
                 connection.close()
         self._idle.clear()
         await self._resolver.close()
+
+
+def _address_info(address: str, port: int) -> tuple[int, int, int, str, tuple[Any, ...]]:
+    """An address as getaddrinfo would give it (for aiohappyeyeballs)."""
+    if ":" in address:
+        return (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port, 0, 0))
+    return (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))

@@ -152,7 +152,8 @@ targets = ["svc", "down"]
     assert paused["state"] == "paused"
     assert paused["paused_until"].endswith("Z")
     assert paused["last_error"] == (
-        f"cannot connect to 127.0.0.1:{down_port}: [Errno 111] Connection refused"
+        f"cannot connect to 127.0.0.1:{down_port}:"
+        f" [Errno 111] Connect call failed ('127.0.0.1', {down_port})"
     )
     assert answer["ready"] is True
     assert len(receiver.requests) == 2

@@ -682,6 +682,29 @@ sign = { scheme = "hmac", secret = "s" }
     ]
 
 
+def test_headers_that_frame_the_request_cannot_be_set(tmp_path: Path) -> None:
+    """Content-Length, Transfer-Encoding, Connection... belong to the HTTP client: setting
+    them in a target's headers or a route's set_headers is an error naming the key; Host
+    may be set (virtual hosting)."""
+    text = """
+[sources.app]
+[targets.a]
+url = "https://a.example.com/"
+headers = { Host = "api.internal", Content-Length = "5" }
+[[routes]]
+name = "r"
+source = "app"
+targets = ["a"]
+set_headers = { transfer-encoding = "chunked" }
+"""
+    errors = errors_of(text, tmp_path)
+    reason = 'header "{}" is set by relay (it frames the request)'
+    assert [error.split(": ", 2)[1:] for error in errors] == [
+        ["targets.a.headers.Content-Length", reason.format("Content-Length")],
+        ["routes[0].set_headers.transfer-encoding", reason.format("transfer-encoding")],
+    ]
+
+
 def test_toml_syntax_error_names_file_line_and_column(tmp_path: Path) -> None:
     """Broken TOML gives one line with the file, line and column."""
     error = one_error('[server]\nlisten = "127.0.0.1:8080\n', tmp_path)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import os
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 
@@ -16,8 +19,11 @@ import pytest
 import trustme
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from relay import http1
 from relay.http1 import Client, RequestError, Response
 from relay.netpolicy import NetworkPolicy
+
+from conftest import eventually
 
 Answer = Callable[[bytes], bytes | None]  # request bytes so far -> reply (None: wait for more)
 
@@ -262,13 +268,13 @@ async def test_credentials_in_the_url_become_basic_authorization(client: Client)
     assert f"Host: 127.0.0.1:{server.port}\r\n".encode() in server.received[0]
 
 
-async def test_https_target_is_verified_against_the_trusted_authorities() -> None:
-    """An https target is reached over TLS when its certificate is trusted, and refused with
-    the verification failure when it is not."""
+@pytest.fixture
+async def tls_target() -> AsyncIterator[tuple[str, ssl.SSLContext]]:
+    """An https target on 127.0.0.1 with a certificate for localhost from a test authority,
+    and a client-side context that trusts that authority."""
     authority = trustme.CA()
-    certificate = authority.issue_cert("localhost")
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    certificate.configure_cert(server_context)
+    authority.issue_cert("localhost").configure_cert(server_context)
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -278,9 +284,38 @@ async def test_https_target_is_verified_against_the_trusted_authorities() -> Non
         writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_context)
-    url = f"https://localhost:{server.sockets[0].getsockname()[1]}/hook"
     trusting_context = ssl.create_default_context()
     authority.configure_trust(trusting_context)
+    yield f"https://localhost:{server.sockets[0].getsockname()[1]}/hook", trusting_context
+    server.close()
+
+
+class FixedResolver(AbstractResolver):
+    """Answers every name with the given addresses, in order."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self.addresses = addresses
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            ResolveResult(
+                hostname=host, host=address, port=port, family=socket.AF_INET, proto=0, flags=0
+            )
+            for address in self.addresses
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_https_target_is_verified_against_the_trusted_authorities(
+    tls_target: tuple[str, ssl.SSLContext],
+) -> None:
+    """An https target is reached over TLS when its certificate is trusted, and refused with
+    the verification failure when it is not."""
+    url, trusting_context = tls_target
     trusting = Client(NetworkPolicy.of(), ssl_context=trusting_context)
     untrusting = Client(NetworkPolicy.of())
     try:
@@ -290,7 +325,6 @@ async def test_https_target_is_verified_against_the_trusted_authorities() -> Non
     finally:
         await trusting.close()
         await untrusting.close()
-        server.close()
 
 
 async def test_connection_refused_names_the_address(client: Client) -> None:
@@ -300,3 +334,197 @@ async def test_connection_refused_names_the_address(client: Client) -> None:
     with pytest.raises(RequestError) as caught:
         await post(client, url)
     assert str(caught.value).startswith(f"cannot connect to 127.0.0.1:{server.port}: ")
+
+
+# --- found by review: each test reproduces a confirmed failure of the first version ---
+
+
+async def test_operator_host_header_replaces_the_urls_host(client: Client) -> None:
+    """A Host set in config (virtual hosting) is the one Host sent, first, as aiohttp did."""
+    async with RawServer(whole_request(b"HTTP/1.1 204 No Content\r\n\r\n")) as server:
+        await client.request(
+            "POST", server.url, [("Host", "api.internal"), ("X-A", "1")], b"",
+            max_body_bytes=10, timeout_s=10,
+        )  # fmt: skip
+    head = server.received[0].split(b"\r\n")
+    assert head[1] == b"Host: api.internal"
+    assert sum(line.lower().startswith(b"host:") for line in head) == 1
+
+
+async def test_a_target_that_closes_on_accept_fails_at_once(client: Client) -> None:
+    """A target that accepts and closes at once is an error straight away, not a wait for
+    the whole timeout and not an internal error."""
+
+    async def slam(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(slam, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+    loop = asyncio.get_running_loop()
+    try:
+        for _ in range(20):
+            started = loop.time()
+            with pytest.raises(RequestError, match="connection closed before"):
+                await post(client, url, timeout_s=30)
+            assert loop.time() - started < 10
+    finally:
+        server.close()
+
+
+async def test_an_endless_response_head_is_cut_off(client: Client) -> None:
+    """A target that streams one header forever fails fast with a bounded head."""
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(10_000):
+                writer.write(b"a" * 4096)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(endless, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+    try:
+        with pytest.raises(RequestError, match="response head larger than 65536 bytes"):
+            await post(client, url, body=b"", timeout_s=30)
+    finally:
+        server.close()
+
+
+async def test_an_address_that_drops_connects_is_passed_over(client: Client) -> None:
+    """Of two addresses, one whose accept queue is full (connects hang) does not cost the
+    request: the next address is tried after a short delay."""
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    async with RawServer(whole_request(reply)) as server:
+        blackhole = socket.socket()
+        blackhole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        blackhole.bind(("127.0.0.2", server.port))
+        blackhole.listen(0)
+        fillers = [socket.socket() for _ in range(3)]
+        for filler in fillers:
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.2", server.port))
+        two = FixedResolver(["127.0.0.2", "127.0.0.1"])
+        both = Client(NetworkPolicy.of(), resolver=two)
+        try:
+            response = await post(both, f"http://two.internal:{server.port}/hook", timeout_s=3)
+        finally:
+            await both.close()
+            blackhole.close()
+            for filler in fillers:
+                filler.close()
+    assert response.status == 200
+
+
+async def test_idle_connections_are_closed_after_the_idle_timeout(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kept-alive connection nobody uses is closed by the client once idle long enough."""
+    monkeypatch.setattr(http1, "IDLE_TIMEOUT_S", 0.1)
+    closed = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await reader.read()  # b"" once the client closes
+        closed.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        await post(client, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook")
+        await asyncio.wait_for(closed.wait(), 10)
+    finally:
+        server.close()
+
+
+async def test_an_early_answer_to_an_unread_body_releases_the_connection(client: Client) -> None:
+    """A target that answers 413 without reading a large body (and without closing) gets its
+    connection dropped: the request returns the 413 and no descriptor stays open waiting
+    to flush the rest of the body."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        held.append(writer)
+
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    server = await asyncio.start_server(early, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+    before = descriptors()
+    try:
+        response = await post(client, url, body=b"x" * (16 << 20), timeout_s=10)
+        assert response.status == 413
+        await eventually(lambda: descriptors() <= before + len(held))  # the target's end only
+    finally:
+        for writer in held:
+            writer.transport.abort()
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nConnection: close\r\n\r\nfine",
+        b"HTTP/1.1 200 OK\nContent-Length: 4\n\nfine",
+        b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n b\r\nContent-Length: 4\r\n\r\nfine",
+    ],
+    ids=["identity-until-close", "bare-LF", "folded-header"],
+)
+async def test_lax_but_readable_answers_are_read(client: Client, reply: bytes) -> None:
+    """Answers aiohttp's client read (identity coding to close, bare LF, folded headers) are
+    read too: a delivered event is not retried because of its target's HTTP style."""
+    async with RawServer(whole_request(reply), close_after=True) as server:
+        response = await post(client, server.url)
+    assert (response.status, response.body) == (200, b"fine")
+
+
+async def test_bytes_after_an_answer_keep_the_connection_out_of_the_pool(client: Client) -> None:
+    """A complete answer followed by stray bytes: the answer counts, the connection is
+    not reused (the next request opens a new one and succeeds)."""
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200"
+    async with RawServer(whole_request(reply)) as server:
+        assert (await post(client, server.url)).status == 200
+        assert (await post(client, server.url)).status == 200
+    assert server.connections == 2
+
+
+async def test_a_kept_alive_connection_closed_while_idle_is_replaced(client: Client) -> None:
+    """A target that closes its end after answering (without saying so) does not fail the
+    next request: it goes out again on a new connection."""
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    async with RawServer(whole_request(reply), close_after=True) as server:
+        for _ in range(3):
+            assert (await post(client, server.url)).status == 200
+    assert len(server.received) == 3
+
+
+async def test_trailing_dot_hostname_verifies_tls(tls_target: tuple[str, ssl.SSLContext]) -> None:
+    """https://localhost./ is verified as localhost (the dot is not part of the name)."""
+    url, trusting_context = tls_target
+    client = Client(
+        NetworkPolicy.of(), resolver=FixedResolver(["127.0.0.1"]), ssl_context=trusting_context
+    )
+    try:
+        assert (await post(client, url.replace("localhost", "localhost."))).body == b"secure"
+    finally:
+        await client.close()
+
+
+async def test_a_malformed_hostname_is_a_resolve_error(client: Client) -> None:
+    """A name the system resolver cannot even encode is a one-line error, not a crash."""
+    with pytest.raises(RequestError, match=r"cannot resolve a\.\.b"):
+        await post(client, "http://a..b/hook", timeout_s=5)
+
+
+async def test_an_upgrade_answer_is_an_error_that_says_so(client: Client) -> None:
+    """101 Switching Protocols is not a webhook answer: the error says why."""
+    reply = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: ws\r\n\r\n"
+    async with RawServer(whole_request(reply)) as server:
+        with pytest.raises(RequestError, match="protocol upgrade"):
+            await post(client, server.url)

@@ -275,13 +275,13 @@ async def connected(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The address of every connection the client opens, recorded before it is opened."""
     addresses: list[str] = []
     loop = asyncio.get_running_loop()
-    real = loop.create_connection
+    real = loop.sock_connect
 
-    async def recording(*args: Any, **kwargs: Any) -> Any:
-        addresses.append(str(args[1]))
-        return await real(*args, **kwargs)
+    async def recording(sock: socket.socket, address: Any) -> None:
+        addresses.append(str(address[0]))
+        await real(sock, address)
 
-    monkeypatch.setattr(loop, "create_connection", recording)
+    monkeypatch.setattr(loop, "sock_connect", recording)
     return addresses
 
 
