@@ -186,20 +186,21 @@ class _Connection(asyncio.Protocol):
             self.abort()
             return
         self.answered = True
-        if not self._headers_done:
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self._fail(f"response head larger than {MAX_HEAD_BYTES} bytes")
-                self.abort()
-                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail("invalid HTTP response: a protocol upgrade")
             self.abort()
+            return
         except httptools.HttpParserError as error:
             self._fail(f"invalid HTTP response: {error}")
             self.abort()
+            return
+        if not self._headers_done and self._waiter is not None:  # still in the head
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(f"response head larger than {MAX_HEAD_BYTES} bytes")
+                self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -151,6 +151,17 @@ async def test_body_beyond_the_limit_is_cut_and_the_connection_dropped(client: C
     assert server.connections == 2
 
 
+async def test_a_large_body_read_with_the_head_is_not_taken_for_a_large_head(
+    client: Client,
+) -> None:
+    """200 KB of body arriving in the same read as the head is a body to cut at the limit,
+    not a response head over its 64 KiB bound."""
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"x" * 200_000
+    async with RawServer(whole_request(reply)) as server:
+        response = await post(client, server.url, limit=65536)
+    assert (response.status, len(response.body)) == (200, 65536)
+
+
 async def test_chunked_and_close_delimited_bodies_are_read_whole(client: Client) -> None:
     """A chunked body is reassembled; a body without length ends where the connection does."""
     chunked = (
