@@ -337,6 +337,7 @@ def _install_signal_handlers(trigger: asyncio.Event, reloads: asyncio.Queue[None
 
     def on_interrupt() -> None:
         if trigger.is_set():  # the second SIGINT: stop at once (acknowledged events are on disk)
+            logs.flush()
             os._exit(FORCED_EXIT_CODE)
         trigger.set()
 

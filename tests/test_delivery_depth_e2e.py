@@ -269,7 +269,7 @@ async def test_a_large_backlog_is_not_loaded_into_memory(
     with contextlib.closing(sqlite3.connect(tmp_path / "full" / "relay.db")) as conn, conn:
         conn.execute("DELETE FROM targets")  # open: the lane does pull from the backlog
     full = await daemons(one_target(tmp_path / "full", svc.url, settings))
-    assert full.find("relay.started", pending=100_000) is not None
+    assert await full.wait_log("relay.started", pending=100_000) is not None
     await eventually(lambda: svc.current == 4)
     grown = rss_bytes(full) - baseline
     assert grown < 40 * 2**20, f"resident memory grew by {grown / 2**20:.0f} MiB"

@@ -59,7 +59,7 @@ async def test_accepted_webhook_replies_after_commit(
         " FROM events e JOIN payloads p ON p.event_id = e.id"
     )
     assert rows == [(reply["id"], "app", b'{"a": 1}', "POST", "/hooks/app")]
-    accepted = daemon.find("event.accepted", event_id=reply["id"])
+    accepted = await daemon.wait_log("event.accepted", event_id=reply["id"])
     assert accepted is not None
     assert accepted["routes"] == ["app-to-console"]
     assert (accepted["deliveries"], accepted["bytes"]) == (1, 8)
@@ -78,7 +78,7 @@ async def test_unknown_path_and_wrong_method(tmp_path: Path, daemons: DaemonFact
         assert response.status == 405
         assert response.headers["Allow"] == "POST"
         assert (await response.json())["error"] == "method GET not allowed at /hooks/app"
-    rejected = daemon.find("event.rejected", status=405)
+    rejected = await daemon.wait_log("event.rejected", status=405)
     assert rejected is not None
     assert rejected["source"] == "app"
     assert rejected["remote"] == "127.0.0.1"

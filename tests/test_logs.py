@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import io
 from collections.abc import Iterator
@@ -59,3 +60,37 @@ def test_each_json_line_carries_the_time_of_its_own_second(
         "2025-11-28T19:00:00.999999Z",
         "2025-11-28T19:00:01.000001Z",
     ]
+
+
+class CountingStream(io.BytesIO):
+    """A binary stream that counts the writes it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self.writes += 1
+        return super().write(data)
+
+
+async def test_lines_of_one_loop_turn_are_written_together_in_order() -> None:
+    """On the event loop, the lines of a turn reach the stream in one write at the end of
+    the turn, in the order they were logged; nothing is left unwritten."""
+    stream = CountingStream()
+    writer = logs.LineWriter(stream)
+    for n in range(50):
+        writer.msg(b'{"n":%d}' % n)
+    assert stream.writes == 0
+    await asyncio.sleep(0)  # the end of the turn
+    assert stream.writes == 1
+    assert [orjson.loads(line)["n"] for line in stream.getvalue().splitlines()] == list(range(50))
+
+
+def test_lines_without_a_loop_are_written_at_once() -> None:
+    """With no event loop running (the CLI, other threads), each line is written at once."""
+    stream = CountingStream()
+    writer = logs.LineWriter(stream)
+    writer.msg(b'{"n":1}')
+    writer.msg(b'{"n":2}')
+    assert (stream.writes, stream.getvalue()) == (2, b'{"n":1}\n{"n":2}\n')

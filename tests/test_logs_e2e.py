@@ -76,7 +76,7 @@ async def test_log_lines_are_json_with_spec_fields_and_no_secrets(
         ts = datetime.fromisoformat(line["ts"].replace("Z", "+00:00"))
         assert ts.utcoffset() == timedelta(0), line
 
-    started = daemon.find("relay.started")
+    started = await daemon.wait_log("relay.started")
     assert started is not None
     assert started["version"] == __version__
     assert started["listen"] == daemon.listen
@@ -86,7 +86,7 @@ async def test_log_lines_are_json_with_spec_fields_and_no_secrets(
     assert (started["sources"], started["routes"], started["targets"]) == (1, 1, 2)
     assert started["pending"] == 0
 
-    accepted = daemon.find("event.accepted")
+    accepted = await daemon.wait_log("event.accepted")
     assert accepted is not None
     assert accepted["event_id"] == event_id
     assert accepted["source"] == "app"
@@ -95,7 +95,7 @@ async def test_log_lines_are_json_with_spec_fields_and_no_secrets(
     assert accepted["bytes"] == len(body)
     assert is_number(accepted["ms"])
 
-    succeeded = daemon.find("delivery.succeeded", target="svc")
+    succeeded = await daemon.wait_log("delivery.succeeded", target="svc")
     assert succeeded is not None
     assert succeeded["delivery_id"] == request.headers["webhook-id"]
     assert succeeded["event_id"] == event_id
@@ -103,13 +103,13 @@ async def test_log_lines_are_json_with_spec_fields_and_no_secrets(
     assert succeeded["attempt"] == 1
     assert succeeded["status"] == 200
     assert is_number(succeeded["ms"])
-    logged_ok = daemon.find("delivery.succeeded", target="audit")
+    logged_ok = await daemon.wait_log("delivery.succeeded", target="audit")
     assert logged_ok is not None
     assert {"delivery_id", "event_id", "route", "attempt", "status", "ms"} <= logged_ok.keys()
     assert logged_ok["delivery_id"] != succeeded["delivery_id"]
 
     # a `log:` target shows the headers it would send, sensitive values masked
-    logged = daemon.find("delivery.logged")
+    logged = await daemon.wait_log("delivery.logged")
     assert logged is not None
     headers = {name.lower(): value for name, value in logged["headers"].items()}
     assert headers["authorization"] == "***"
@@ -117,7 +117,7 @@ async def test_log_lines_are_json_with_spec_fields_and_no_secrets(
     assert headers["x-github-event"] == "pull_request"
 
     for name in ("relay.stopping", "relay.stopped"):
-        stop_line = daemon.find(name)
+        stop_line = await daemon.wait_log(name)
         assert stop_line is not None, name
         assert (stop_line["pending"], stop_line["in_flight"]) == (0, 0), stop_line
 

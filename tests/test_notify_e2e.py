@@ -107,7 +107,7 @@ async def test_notify_ready_watchdog_and_stopping(
         (stopping,) = await eventually(lambda: notify.with_line("STOPPING=1"))
         assert any(line.startswith("STATUS=") for line in stopping)
         assert await daemon.wait() == 0
-        assert daemon.find("relay.stopped") is not None
+        assert await daemon.wait_log("relay.stopped") is not None
         assert len(notify.with_line("READY=1")) == 1
 
 

@@ -42,7 +42,7 @@ async def test_started_line_reports_the_journal_settings(
     """relay.started says what is running, with PRAGMA synchronous read back from SQLite."""
     receiver = await receivers()
     daemon = await daemons(relay_config(tmp_path, receiver.url, sync="normal"))
-    started = daemon.find("relay.started")
+    started = await daemon.wait_log("relay.started")
     assert started is not None
     assert started["sync"] == "normal"
     assert started["synchronous"] == "normal"
@@ -76,15 +76,15 @@ async def test_sigterm_leaves_pending_work_for_the_next_start(
     await daemon.wait_log("delivery.failed")
     daemon.signal(signal.SIGTERM)
     assert await daemon.wait() == 0
-    stopping = daemon.find("relay.stopping")
+    stopping = await daemon.wait_log("relay.stopping")
     assert stopping is not None
     assert stopping["pending"] == 10
-    assert daemon.find("relay.stopped") is not None
+    assert await daemon.wait_log("relay.stopped") is not None
     receiver = Receiver(port=port)
     await receiver.start()
     try:
         await daemon.start()
-        assert daemon.find("relay.started", pending=10) is not None
+        assert await daemon.wait_log("relay.started", pending=10) is not None
         await eventually(lambda: sorted(set(receiver.event_ids())) == sorted(accepted))
     finally:
         await receiver.stop()
@@ -104,7 +104,7 @@ async def test_sigterm_lets_in_flight_requests_finish(
     assert await daemon.ready() == 503
     receiver.gate.set()
     assert await daemon.wait() == 0
-    assert daemon.find("delivery.succeeded", event_id=reply["id"]) is not None
+    assert await daemon.wait_log("delivery.succeeded", event_id=reply["id"]) is not None
     assert daemon.query("SELECT status FROM deliveries") == [("delivered",)]
 
 

@@ -94,12 +94,13 @@ async def test_github_signature_checked_on_the_raw_body(
     tampered = body.replace(b"Codertocat", b"Codertocas", 1)
     status, reply, _ = await daemon.post("/hooks/github", tampered, github_headers(body, "d-2"))
     assert (status, reply) == (401, {"error": "unauthorized"})
-    rejected = daemon.find("event.rejected", status=401)
+    rejected = await daemon.wait_log("event.rejected", status=401)
     assert rejected is not None
     assert rejected["reason"] == "verify github: signature mismatch"
     status, _, _ = await daemon.post("/hooks/github", body, {"X-GitHub-Event": "push"})
     assert status == 401
-    assert daemon.find("event.rejected", reason="verify github: missing X-Hub-Signature-256")
+    missing = "verify github: missing X-Hub-Signature-256"
+    assert await daemon.wait_log("event.rejected", reason=missing)
     bad = github_headers(body, "d-3", secret="wrong")
     bad["X-Hub-Signature-256"] = "sha256=é" + bad["X-Hub-Signature-256"][8:]
     status, _, _ = await daemon.post("/hooks/github", body, bad)
@@ -160,7 +161,7 @@ async def test_repeats_are_answered_as_duplicates_across_a_restart(
     assert (status, first["deliveries"]) == (202, 1)
     status, again, _ = await daemon.post("/hooks/github", body, github_headers(body, "gh-42"))
     assert (status, again) == (200, {"id": first["id"], "duplicate": True})
-    duplicate = daemon.find("event.duplicate")
+    duplicate = await daemon.wait_log("event.duplicate")
     assert duplicate is not None
     assert (duplicate["event_id"], duplicate["dedupe_key"]) == (first["id"], "gh-42")
     await daemon.stop()
@@ -309,7 +310,7 @@ allow_from = ["2001:db8::/32"]
     status, reply, _ = await daemon.post("/hooks/v4only", b"{}")
     assert (status, reply) == (403, {"error": "source address not allowed"})
     assert (await daemon.post("/hooks/elsewhere", b"{}"))[0] == 403
-    assert daemon.find("event.rejected", status=403, remote="::1") is not None
+    assert await daemon.wait_log("event.rejected", status=403, remote="::1") is not None
     async with (
         aiohttp.ClientSession() as session,
         session.get(daemon.url("/hooks/elsewhere")) as response,
