@@ -254,7 +254,7 @@ class Inbound:
             query=request.query_string,
             headers=headers,
             body=body,
-            routes=[{"name": d.name, "matched": d.matched, "error": d.error} for d in decisions],
+            routes=decisions,  # orjson writes each as {"name", "matched", "error"}
             deliveries=deliveries,
             dedupe_key=key,
             dedupe_window_ms=int(source.dedupe.window_s * 1000) if source.dedupe else 0,
