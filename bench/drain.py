@@ -28,6 +28,7 @@ from bench.harness import (
     ONE_KIB_BODY,
     RECEIVER_SERVER,
     REPO,
+    delivered_count,
     free_port,
     pinned,
     process,
@@ -37,14 +38,6 @@ from bench.harness import (
 def cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def delivered(journal: Path) -> int:
-    with contextlib.closing(sqlite3.connect(journal)) as conn:
-        (count,) = conn.execute(
-            "SELECT count(*) FROM deliveries WHERE status = 'delivered'"
-        ).fetchone()
-    return int(count)
 
 
 def main() -> None:
@@ -73,10 +66,10 @@ def main() -> None:
                     f"http://127.0.0.1:{port + 1}/readyz", cwd=REPO) as daemon,
         ):  # fmt: skip
             time.sleep(1.0)
-            started, cpu0, done0 = time.monotonic(), cpu_s(daemon.pid), delivered(journal)
+            started, cpu0, done0 = time.monotonic(), cpu_s(daemon.pid), delivered_count(journal)
             time.sleep(args.seconds)
             elapsed = time.monotonic() - started
-            cpu, done = cpu_s(daemon.pid) - cpu0, delivered(journal) - done0
+            cpu, done = cpu_s(daemon.pid) - cpu0, delivered_count(journal) - done0
     print(
         f"drain: {done / elapsed:.0f} deliveries/s, daemon CPU {cpu / elapsed * 100:.0f}% of a "
         f"core, {cpu / max(done, 1) * 1e6:.0f} us of CPU per delivery"

@@ -349,13 +349,14 @@ def backlog_scenario(count: int, seconds: int) -> BacklogResult:
                 ready_s = time.monotonic() - started
                 rss_mib = rss_bytes(daemon.pid) / 2**20
                 time.sleep(max(0.0, pause_s - (time.monotonic() - started)) + 1)
-                before, at = _delivered(journal), time.monotonic()
+                before, at = delivered_count(journal), time.monotonic()
                 time.sleep(seconds * 2)
-                rate = (_delivered(journal) - before) / (time.monotonic() - at)
+                rate = (delivered_count(journal) - before) / (time.monotonic() - at)
     return BacklogResult(count, ready_s, rss_mib, rate)
 
 
-def _delivered(journal: Path) -> int:
+def delivered_count(journal: Path) -> int:
+    """How many deliveries the journal holds as delivered (read as an operator would)."""
     with contextlib.closing(sqlite3.connect(journal)) as conn:
         (delivered,) = conn.execute(
             "SELECT count(*) FROM deliveries WHERE status = 'delivered'"
