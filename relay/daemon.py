@@ -138,7 +138,7 @@ def settle_gc() -> None:
 
     Every request and attempt allocates a few hundred short-lived objects; with the
     default thresholds the collector ran every ~700 of them and walked the whole heap
-    every ~70,000. Measured (`python -m bench`): ingest +8%, its p99 28 -> 13 ms.
+    every ~70,000. Measured on the bench's ingest scenario: +8%, its p99 28 -> 13 ms.
     """
     gc.collect()
     gc.freeze()
