@@ -54,6 +54,7 @@ from relay.model import (
     VerifyConfig,
     VerifyScheme,
 )
+from relay.outbound import FRAMING_HEADERS
 from relay.rules import Expression, RuleError, compile_expression
 from relay.signing import new_standard_secret
 
@@ -407,11 +408,6 @@ def _method(value: Any) -> str:
     return method.upper()
 
 
-_FRAMING_HEADERS = frozenset(
-    {"content-length", "transfer-encoding", "connection", "upgrade", "keep-alive", "te", "trailer"}
-)
-
-
 def _headers(value: Any) -> dict[str, str]:
     if not isinstance(value, dict):
         raise _Invalid(f"expected a table of header names to strings, got {_kind(value)}")
@@ -420,7 +416,7 @@ def _headers(value: Any) -> dict[str, str]:
         suffix = "." + _segment(name)
         if not _TOKEN.fullmatch(name):
             raise _Invalid(f'invalid header name "{name}"', suffix)
-        if name.lower() in _FRAMING_HEADERS:
+        if name.lower() in FRAMING_HEADERS:
             raise _Invalid(f'header "{name}" is set by relay (it frames the request)', suffix)
         try:
             headers[name] = _str(text)

@@ -31,17 +31,15 @@ from aiohttp.helpers import is_ip_address
 from yarl import URL
 
 from relay.netpolicy import NetworkPolicy, PolicyRefused, PolicyResolver, check_host
+from relay.outbound import FRAMING_HEADERS
 
 DNS_TTL_S = 60.0
 IDLE_TIMEOUT_S = 15.0  # an idle connection is closed after this long
 MAX_IDLE_PER_ORIGIN = 256
 MAX_HEAD_BYTES = 64 * 1024  # a response's status line and headers
 HAPPY_EYEBALLS_DELAY_S = 0.25  # the next address is tried if a connect takes this long
-# Framing is the client's: these are never taken from the caller (Host replaces its own).
-_CLIENT_HEADERS = frozenset(
-    {"host", "content-length", "transfer-encoding", "connection", "upgrade", "keep-alive",
-     "te", "trailer"}
-)  # fmt: skip
+# Framing is the client's: never taken from the caller (a caller's Host replaces its own).
+_CLIENT_HEADERS = FRAMING_HEADERS | {"host"}
 
 Origin = tuple[str, str, int]  # scheme, host, port
 

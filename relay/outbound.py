@@ -21,13 +21,16 @@ from relay.model import RouteConfig, SourceConfig, TargetConfig, VerifyConfig
 from relay.rules import BodyError, request_document
 from relay.signing import sign
 
-HOP_BY_HOP = frozenset(
-    {
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-        "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-        "host", "content-length", "expect",
-    }
+# Headers that frame a request on its connection: the HTTP client writes its own, so a
+# config may not set them (relay.config) and the client never takes them from a caller.
+FRAMING_HEADERS = frozenset(
+    {"content-length", "transfer-encoding", "connection", "upgrade", "keep-alive", "te",
+     "trailer"}
 )  # fmt: skip
+HOP_BY_HOP = FRAMING_HEADERS | {
+    "proxy-authenticate", "proxy-authorization", "proxy-connection", "trailers", "host",
+    "expect",
+}  # fmt: skip
 
 DECODE_LIMIT_BYTES = 64 * 1024 * 1024  # for a transform whose source was removed from the config
 _SCHEME_HEADERS = {
