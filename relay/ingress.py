@@ -230,6 +230,23 @@ class Inbound:
             log.info("event.handshake", source=source.name, provider="slack")
             self._count(source, "handshake")
             return _json(200, {"challenge": document["body"]["challenge"]})
+        key = dedupe_key(source, verdict, document) if source.dedupe is not None else None
+        event = self._event(routing, source, request, received_ms, headers, body, document, key)
+        return await self._journal_event(event, source, document["received_at"], started)
+
+    def _event(
+        self,
+        routing: Routing,
+        source: SourceConfig,
+        request: web.BaseRequest,
+        received_ms: int,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        document: dict[str, Any],
+        key: str | None,
+    ) -> NewEvent:
+        """The event to journal: the request as received, its route decisions, and one
+        delivery per (matched route, target)."""
         route_set = routing.routes[source.name]
         decisions = route_set.decide(document)
         targets = routing.config.targets
@@ -244,9 +261,8 @@ class Inbound:
             if decision.matched
             for target in route.targets
         ]
-        key = dedupe_key(source, verdict, document) if source.dedupe is not None else None
-        event = NewEvent(
-            id=event_id,
+        return NewEvent(
+            id=document["id"],
             source=source.name,
             received_at_ms=received_ms,
             method=request.method,
@@ -259,30 +275,41 @@ class Inbound:
             dedupe_key=key,
             dedupe_window_ms=int(source.dedupe.window_s * 1000) if source.dedupe else 0,
         )
+
+    async def _journal_event(
+        self, event: NewEvent, source: SourceConfig, received_at: str, started: float
+    ) -> web.StreamResponse:
+        """Commit the event, then tell the lanes, the tail, the log and the sender."""
         original = await self._append(event)
         if original is not None:
-            log.info("event.duplicate", event_id=original, source=source.name, dedupe_key=key)
+            log.info(
+                "event.duplicate",
+                event_id=original,
+                source=source.name,
+                dedupe_key=event.dedupe_key,
+            )
             self._count(source, "duplicate")
             return _json(200, {"id": original, "duplicate": True})
+        deliveries = event.deliveries
         if deliveries:
             self._on_accepted(sorted({d.target for d in deliveries}))
-        matched = [d.name for d in decisions if d.matched]
+        matched = [d.name for d in event.routes if d.matched]
         if self._tail.listened:
             self._tail.publish(
-                "event.accepted", event_id=event_id, source=source.name, routes=matched,
-                deliveries=len(deliveries), received_at=document["received_at"],
+                "event.accepted", event_id=event.id, source=source.name, routes=matched,
+                deliveries=len(deliveries), received_at=received_at,
             )  # fmt: skip
         log.info(
             "event.accepted",
-            event_id=event_id,
+            event_id=event.id,
             source=source.name,
             routes=matched,
             deliveries=len(deliveries),
-            bytes=len(body),
+            bytes=len(event.body),
             ms=round((time.perf_counter() - started) * 1000, 3),
         )
         self._count(source, "accepted")
-        return _json(source.ack_status, {"id": event_id, "deliveries": len(deliveries)})
+        return _json(source.ack_status, {"id": event.id, "deliveries": len(deliveries)})
 
     async def _append(self, event: NewEvent) -> str | None:
         """Commit the event; the original's id when it is a duplicate. 503 when the disk fails."""
