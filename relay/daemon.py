@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from relay import __version__, logs
+from relay import __version__, logs, signing
 from relay.admin import AdminApi
 from relay.config import ConfigError, config_changes, load, restart_needed
 from relay.delivery import Deliverer, open_deliverer
@@ -218,6 +218,7 @@ class Reloader:
         self._inbound.routing = Routing.of(new)  # atomic: the next request sees the new table
         removed = await self._running.deliverer.reconfigure(new, new.server.shutdown_grace_s)
         self._running.config = new
+        signing.forget_keys()
         log.info("config.reloaded", **changes)
         self._running.metrics.config_reloads.labels("ok").inc()
         await _sweep_removed(self._running.journal, new)
@@ -337,8 +338,10 @@ def _install_signal_handlers(trigger: asyncio.Event, reloads: asyncio.Queue[None
 
     def on_interrupt() -> None:
         if trigger.is_set():  # the second SIGINT: stop at once (acknowledged events are on disk)
-            logs.flush()
-            os._exit(FORCED_EXIT_CODE)
+            try:
+                logs.flush()
+            finally:  # even when stdout is a broken pipe
+                os._exit(FORCED_EXIT_CODE)
         trigger.set()
 
     loop.add_signal_handler(signal.SIGTERM, trigger.set)

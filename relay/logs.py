@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import sys
@@ -70,9 +71,10 @@ def _timestamp(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -
     global _second
     now_us = time.time_ns() // 1000
     second = now_us // 1_000_000
-    if _second[0] != second:
-        _second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
-    event_dict["ts"] = f"{_second[1]}.{now_us % 1_000_000:06d}Z"
+    cached = _second  # read once: another thread may replace it meanwhile
+    if cached[0] != second:
+        cached = _second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    event_dict["ts"] = f"{cached[1]}.{now_us % 1_000_000:06d}Z"
     return event_dict
 
 
@@ -100,6 +102,7 @@ class LineWriter:
         self._stream = stream
         self._queued: list[bytes] = []
         self._lock = threading.Lock()
+        self._broken = False  # the stream failed once: lines are dropped, not retried
 
     def msg(self, message: bytes) -> None:
         try:
@@ -123,8 +126,15 @@ class LineWriter:
 
     def _write(self, lines: list[bytes]) -> None:
         with self._lock:
-            self._stream.write(b"\n".join(lines) + b"\n")
-            self._stream.flush()
+            if self._broken:
+                return
+            try:
+                self._stream.write(b"\n".join(lines) + b"\n")
+                self._stream.flush()
+            except OSError as error:  # stdout closed (a pipe reader gone): say so once, go on
+                self._broken = True
+                with contextlib.suppress(OSError):
+                    sys.stderr.write(f"relay: log output failed, lines dropped from now: {error}\n")
 
 
 _writer: LineWriter | None = None

@@ -94,3 +94,21 @@ def test_lines_without_a_loop_are_written_at_once() -> None:
     writer.msg(b'{"n":1}')
     writer.msg(b'{"n":2}')
     assert (stream.writes, stream.getvalue()) == (2, b'{"n":1}\n{"n":2}\n')
+
+
+class BrokenPipe(io.BytesIO):
+    """A stream whose reader has gone: every write fails as a closed pipe does."""
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_broken_stream_is_reported_once_and_logging_goes_on(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """When stdout's reader is gone, logging neither raises nor repeats itself: one line
+    on stderr says lines are dropped from now on."""
+    writer = logs.LineWriter(BrokenPipe())
+    for n in range(3):
+        writer.msg(b'{"n":%d}' % n)
+    assert capsys.readouterr().err.count("log output failed") == 1

@@ -124,6 +124,28 @@ async def test_second_sigint_exits_at_once(
     receiver.gate.set()
 
 
+async def test_a_daemon_whose_log_reader_is_gone_still_stops(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """`relay run | jq` with jq gone: the broken stdout is reported once on stderr, the
+    daemon keeps working, and a second Ctrl-C still stops it at once."""
+    receiver = await receivers()
+    receiver.gate = asyncio.Event()  # never set: the request would hang for shutdown_grace
+    daemon = await daemons(relay_config(tmp_path, receiver.url))
+    await daemon.post("/hooks/app", {"x": 1})
+    await eventually(lambda: receiver.current == 1)
+    assert daemon.process is not None
+    daemon._readers[0].cancel()  # stop reading stdout, then close our end of the pipe
+    stdout = daemon.process._transport.get_pipe_transport(1)  # type: ignore[attr-defined]
+    stdout.close()
+    daemon.signal(signal.SIGINT)  # logs relay.stopping into the closed pipe
+    await eventually(lambda: "log output failed" in "".join(daemon.stderr))
+    daemon.signal(signal.SIGINT)
+    assert await daemon.wait(timeout_s=5) == 1
+    assert "".join(daemon.stderr).count("log output failed") == 1
+    receiver.gate.set()
+
+
 async def test_nothing_acknowledged_is_lost_across_sigkill(
     tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
 ) -> None:
