@@ -146,6 +146,14 @@ def _encoded(secrets: tuple[str, ...]) -> tuple[bytes, ...]:
     return tuple(secret.encode("utf-8") for secret in secrets)
 
 
+def forget_keys() -> None:
+    """Drop the prepared keys (a reload calls this: a rotated-out secret is not kept in
+    memory; a request verified with the old config meanwhile may bring one back until
+    the next reload)."""
+    _keyed.cache_clear()
+    _encoded.cache_clear()
+
+
 def _standard_key(secret: str) -> bytes:
     """A Standard Webhooks key: the base64 after an optional "whsec_" (padding optional, as
     in the reference library). Raises binascii.Error on a secret config validation rejects."""

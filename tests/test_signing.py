@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from relay import signing
 from relay.model import SignConfig, VerifyConfig
 from relay.signing import (
     Verdict,
@@ -1091,3 +1092,17 @@ def test_new_standard_secret_is_whsec_base64_of_24_random_bytes() -> None:
     assert verify(verify_config("standard", secret), CIMultiDict(headers), BODY, NOW).ok
     library = standardwebhooks.webhooks.Webhook(secret)
     assert library.sign("dlv_04", at(NOW), BODY.decode()) == headers["webhook-signature"]
+
+
+def test_a_reload_forgets_the_prepared_keys_of_old_secrets() -> None:
+    """Keys prepared for verifying are dropped by `forget_keys` (a reload calls it), so a
+    rotated-out secret is not kept in memory for the life of the process."""
+    old = verify_config("github", "rotated-out-secret")
+    digest = hmac.new(b"rotated-out-secret", BODY, "sha256").hexdigest()
+    headers = {"X-Hub-Signature-256": f"sha256={digest}"}
+    assert verify(old, headers, BODY, NOW).ok
+    assert signing._keyed.cache_info().currsize > 0
+    signing.forget_keys()
+    assert signing._keyed.cache_info().currsize == 0
+    assert signing._encoded.cache_info().currsize == 0
+    assert verify(old, headers, BODY, NOW).ok  # prepared again when next needed
