@@ -270,7 +270,8 @@ class _Writer:
             return
         self.healthy = True
         if self.on_commit is not None:
-            self.on_commit(time.perf_counter() - started, len(batch))
+            with contextlib.suppress(Exception):  # a metrics hiccup must not end the writer
+                self.on_commit(time.perf_counter() - started, len(batch))
         self._loop.call_soon_threadsafe(_settle, batch, results, None)
 
     def _transaction(self, fns: list[WriteFn]) -> list[Any]:

@@ -81,9 +81,9 @@ class HistogramSeries:
 
     def observe(self, value: float, *labels: str) -> None:
         counts = self._counts.get(labels)
-        if counts is None:
-            counts = self._counts[labels] = [0] * (len(self._bounds) + 1)
+        if counts is None:  # the sum first: a scrape on another thread reads counts, then sums
             self._sums[labels] = 0.0
+            counts = self._counts[labels] = [0] * (len(self._bounds) + 1)
         counts[bisect_left(self._bounds, value)] += 1  # the first bucket with le >= value
         self._sums[labels] += value
 

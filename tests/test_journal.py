@@ -71,6 +71,19 @@ async def test_cancelled_waiter_still_commits(tmp_path: Path) -> None:
         assert await journal.fetch("SELECT count(*) FROM events") == [(21,)]
 
 
+async def test_a_failing_commit_observer_does_not_stop_the_writer(tmp_path: Path) -> None:
+    """The commit observer (metrics) raising does not end the writer thread: writes go on."""
+
+    def broken(_seconds: float, _writes: int) -> None:
+        raise RuntimeError("metrics broke")
+
+    async with open_journal(tmp_path / "j.db", "full") as journal:
+        journal.set_commit_observer(broken)
+        for n in range(3):
+            assert await journal.append(new_event(1000 + n)) is None
+        assert await journal.fetch("SELECT count(*) FROM events") == [(3,)]
+
+
 async def test_sync_level_is_read_back(tmp_path: Path) -> None:
     """The journal reports the synchronous level SQLite actually runs with."""
     async with open_journal(tmp_path / "full.db", "full") as journal:
