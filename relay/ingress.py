@@ -270,7 +270,7 @@ class Inbound:
             query=request.query_string,
             headers=headers,
             body=body,
-            routes=decisions,  # orjson writes each as {"name", "matched", "error"}
+            routes=route_set.records(decisions),
             deliveries=deliveries,
             dedupe_key=key,
             dedupe_window_ms=int(source.dedupe.window_s * 1000) if source.dedupe else 0,
@@ -293,7 +293,7 @@ class Inbound:
         deliveries = event.deliveries
         if deliveries:
             self._on_accepted(sorted({d.target for d in deliveries}))
-        matched = [d.name for d in event.routes if d.matched]
+        matched = [record["name"] for record in event.routes if record["matched"]]
         if self._tail.listened:
             self._tail.publish(
                 "event.accepted", event_id=event.id, source=source.name, routes=matched,

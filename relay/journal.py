@@ -130,7 +130,7 @@ class NewEvent:
     query: str
     headers: Sequence[tuple[str, str]]
     body: bytes
-    routes: Sequence[Any]  # route decisions: dicts or dataclasses of name, matched, error
+    routes: Sequence[dict[str, Any]]  # route decisions: {"name", "matched", "error"} each
     deliveries: Sequence[NewDelivery]
     dedupe_key: str | None = None
     dedupe_window_ms: int = 0

@@ -194,6 +194,9 @@ class RouteSet:
     def __init__(self, routes: Iterable[RouteConfig]) -> None:
         self.routes = tuple(routes)
         self._no_match = [RouteDecision(r.name, False, None) for r in self.routes]
+        self._no_match_records = [
+            {"name": r.name, "matched": False, "error": None} for r in self.routes
+        ]
         self._tables: dict[FieldPath, dict[str, list[int]]] = {}
         self._rest: dict[int, Any] = {}
         self._plain: list[int] = []
@@ -227,6 +230,17 @@ class RouteSet:
                 else _decide_one(route, route.filter.compiled, document)
             )
         return decisions
+
+    def records(self, decisions: Sequence[RouteDecision]) -> list[dict[str, Any]]:
+        """`decide`'s answer as the journal keeps it (`{"name", "matched", "error"}` each);
+        the routes that did not match share one constant record each, so 20 routes cost
+        one new dict per match (orjson writes dicts ~10x faster than slotted dataclasses)."""
+        return [
+            self._no_match_records[index]
+            if decision is self._no_match[index]
+            else {"name": decision.name, "matched": decision.matched, "error": decision.error}
+            for index, decision in enumerate(decisions)
+        ]
 
 
 def order_key(target: TargetConfig, document: Mapping[str, Any]) -> str | None:

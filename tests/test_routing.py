@@ -183,3 +183,14 @@ def test_repeated_headers_are_joined_and_odd_bytes_replaced() -> None:
     )  # fmt: skip
     assert document["headers"]["x_tag"] == "a, b"
     assert document["body"] == "caf\ufffd"
+
+
+def test_route_records_are_the_decisions_as_the_journal_keeps_them() -> None:
+    """`records` gives one {"name", "matched", "error"} per route, in route order, equal
+    to the decisions on every corpus payload: matched, not matched and erroring alike."""
+    route_set = RouteSet(ROUTES)
+    for document in DOCUMENTS:
+        decisions = route_set.decide(document)
+        assert route_set.records(decisions) == [
+            {"name": d.name, "matched": d.matched, "error": d.error} for d in decisions
+        ]
