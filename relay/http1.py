@@ -100,8 +100,9 @@ def request_head(
     host = endpoint.host_header
     lines = [""]  # the request line and Host, once Host is known
     for name, value in headers:
-        if name.lower() in _CLIENT_HEADERS:
-            if name.lower() == "host":
+        lower = name.lower()
+        if lower in _CLIENT_HEADERS:
+            if lower == "host":
                 host = value
             continue
         lines.append(f"{name}: {value}\r\n")
