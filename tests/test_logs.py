@@ -112,3 +112,31 @@ def test_a_broken_stream_is_reported_once_and_logging_goes_on(
     for n in range(3):
         writer.msg(b'{"n":%d}' % n)
     assert capsys.readouterr().err.count("log output failed") == 1
+
+
+@pytest.mark.usefixtures("restored_structlog")
+def test_module_loggers_follow_each_configure() -> None:
+    """A logger made at import time (before `configure`) writes at the level and to the
+    stream of the latest `configure`: disabled levels write nothing, enabled ones a line."""
+    log = logs.get_logger()  # as a module does at import
+    quiet, loud = io.BytesIO(), io.BytesIO()
+    streams = [io.TextIOWrapper(out, write_through=True) for out in (quiet, loud)]
+    logs.configure("json", "warning", streams[0])
+    log.info("dropped")
+    log.warning("kept", n=1)
+    logs.configure("json", "info", streams[1])
+    log.info("now kept", n=2)
+    logs.flush()
+    assert [orjson.loads(line)["event"] for line in quiet.getvalue().splitlines()] == ["kept"]
+    assert [orjson.loads(line)["n"] for line in loud.getvalue().splitlines()] == [2]
+
+
+@pytest.mark.usefixtures("restored_structlog")
+def test_module_loggers_still_bind() -> None:
+    """`bind` and other structlog methods remain available on a module logger."""
+    out = io.BytesIO()
+    stream = io.TextIOWrapper(out, write_through=True)
+    logs.configure("json", "info", stream)
+    logs.get_logger().bind(target="svc").info("bound")
+    logs.flush()
+    assert orjson.loads(out.getvalue())["target"] == "svc"
