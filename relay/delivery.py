@@ -475,6 +475,14 @@ class Lane:
         elapsed_ms: float,
         retry_in_s: float,
     ) -> None:
+        delivered = step.outcome is policy.Outcome.DELIVERED
+        self._metrics.count_attempt(target.name, step.outcome.value, elapsed_ms / 1000)
+        if delivered:
+            latency_s = time.time() - delivery.created_at_ms / 1000
+            self._metrics.observe_latency(target.name, latency_s)
+        listened = self._tail.listened
+        if delivered and not listened and not log.info_enabled:
+            return  # nobody reads this line: do not build it
         fields = {
             "delivery_id": delivery.id,
             "event_id": delivery.event_id,
@@ -484,16 +492,12 @@ class Lane:
             "status": result.status,
             "ms": round(elapsed_ms, 3),
         }
-        if self._tail.listened:
+        if listened:
             self._tail.publish(
                 "delivery.attempt", source=delivery.source, outcome=step.outcome.value,
                 error=result.error, reason=step.reason, **fields,
             )  # fmt: skip
-        self._metrics.count_attempt(target.name, step.outcome.value, elapsed_ms / 1000)
-        if step.outcome is policy.Outcome.DELIVERED:
-            latency_s = time.time() - delivery.created_at_ms / 1000
-            self._metrics.observe_latency(target.name, latency_s)
-        if step.outcome is policy.Outcome.DELIVERED:
+        if delivered:
             log.info("delivery.succeeded", **fields)
         elif step.outcome is policy.Outcome.RETRY:
             log.warning(

@@ -293,23 +293,31 @@ class Inbound:
         deliveries = event.deliveries
         if deliveries:
             self._on_accepted(sorted({d.target for d in deliveries}))
+        if self._tail.listened or log.info_enabled:
+            self._tell_accepted(event, source, received_at, started)
+        self._count(source, "accepted")
+        return _json(source.ack_status, {"id": event.id, "deliveries": len(deliveries)})
+
+    def _tell_accepted(
+        self, event: NewEvent, source: SourceConfig, received_at: str, started: float
+    ) -> None:
+        """The `event.accepted` line, to the tail's subscribers and the log."""
         matched = [record["name"] for record in event.routes if record["matched"]]
+        count = len(event.deliveries)
         if self._tail.listened:
             self._tail.publish(
                 "event.accepted", event_id=event.id, source=source.name, routes=matched,
-                deliveries=len(deliveries), received_at=received_at,
+                deliveries=count, received_at=received_at,
             )  # fmt: skip
         log.info(
             "event.accepted",
             event_id=event.id,
             source=source.name,
             routes=matched,
-            deliveries=len(deliveries),
+            deliveries=count,
             bytes=len(event.body),
             ms=round((time.perf_counter() - started) * 1000, 3),
         )
-        self._count(source, "accepted")
-        return _json(source.ack_status, {"id": event.id, "deliveries": len(deliveries)})
 
     async def _append(self, event: NewEvent) -> str | None:
         """Commit the event; the original's id when it is a duplicate. 503 when the disk fails."""

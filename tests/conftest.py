@@ -173,6 +173,7 @@ class Daemon:
     listen: str = ""
     admin: str = ""
     preexec: Callable[[], None] | None = None
+    quiet: bool = False  # a log level above info: no relay.started; `listen`, `admin` are given
     _readers: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -200,9 +201,20 @@ class Daemon:
             asyncio.create_task(self._read_stdout(self.process)),
             asyncio.create_task(self._read_stderr(self.process)),
         ]
+        if self.quiet:
+            await eventually(self._is_ready)
+            return self
         started = await self.wait_log("relay.started", after=count)
         self.listen, self.admin = started["listen"], started["admin"]
         return self
+
+    async def _is_ready(self) -> bool:
+        assert self.process is not None
+        if self.process.returncode is not None:
+            pytest.fail(f"relay exited with {self.process.returncode}: {self.stderr}")
+        with contextlib.suppress(aiohttp.ClientError):
+            return await self.ready() == 200
+        return False
 
     async def _read_stdout(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import re
 import signal
 import sqlite3
 import sys
@@ -14,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from conftest import DEADLINE_S, REPO, Daemon, Receiver, eventually, free_port, server_toml
 
@@ -383,12 +385,18 @@ async def test_admin_token_guards_the_api_but_not_health(
     assert "svc" in out
 
 
+@pytest.mark.parametrize("level", ["debug", "warning"])
 async def test_tail_streams_accepted_events_and_attempts_as_server_sent_events(
-    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory, level: str
 ) -> None:
-    """GET /api/tail?source=app: an event.accepted and a delivery.attempt record per webhook."""
+    """GET /api/tail?source=app: an event.accepted and a delivery.attempt record per webhook,
+    whatever the log level (at `warning` the log leaves those lines out; the tail does not)."""
     receiver = await receivers()
-    daemon = await daemons(one_target(tmp_path, receiver.url))
+    listen, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    config = re.sub(r'admin = "[^"]*"', f'admin = "{admin}"', one_target(tmp_path, receiver.url))
+    config = config.replace('listen = "127.0.0.1:0"', f'listen = "{listen}"')
+    config = config.replace('level = "debug"', f'level = "{level}"')
+    daemon = await daemons(config, listen=listen, admin=admin, quiet=True)
     records: list[dict[str, Any]] = []
     async with (
         aiohttp.ClientSession() as session,

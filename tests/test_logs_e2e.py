@@ -11,7 +11,7 @@ import orjson
 
 from relay import __version__
 
-from conftest import Daemon, Receiver, server_toml
+from conftest import Daemon, Receiver, eventually, free_port, server_toml
 
 DaemonFactory = Callable[..., Awaitable[Daemon]]
 ReceiverFactory = Callable[[], Awaitable[Receiver]]
@@ -166,3 +166,30 @@ targets = ["audit"]
     assert logged["headers"]["X-Shared-Pass"] == "***"
     assert logged["headers"]["X-Out-Sig"] == "***"
     assert not any("open-sesame-1234" in str(line) for line in daemon.lines)
+
+
+async def test_at_level_warning_only_failures_are_logged(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """With `level = "warning"` an accepted event and a delivered attempt write no line; a
+    failed attempt still writes its `delivery.failed` warning with the usual fields."""
+    receiver = await receivers()
+    receiver.script.append((503, {}, b"busy"))
+    listen, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    config = relay_config(tmp_path, receiver.url).replace('level = "debug"', 'level = "warning"')
+    config = config.replace('listen = "127.0.0.1:0"', f'listen = "{listen}"')
+    config = config.replace('admin = "127.0.0.1:0"', f'admin = "{admin}"')
+    config = config.replace("[targets.svc]", '[targets.svc]\nretry = { first = "50ms" }')
+    env = {"RELAY_TEST_TOKEN": TOKEN}
+    daemon = await daemons(config, env=env, listen=listen, admin=admin, quiet=True)
+    status, reply, _ = await daemon.post("/hooks/app", {"n": 1})
+    assert status == 202
+    failed = await daemon.wait_log("delivery.failed", event_id=reply["id"])
+    assert (failed["level"], failed["status"], failed["attempt"]) == ("warning", 503, 1)
+    await eventually(lambda: len(receiver.requests) == 2)  # the retry was delivered
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait() == 0
+    names = {line["event"] for line in daemon.lines}
+    assert "delivery.failed" in names
+    assert names.isdisjoint({"event.accepted", "delivery.succeeded", "delivery.logged"})
+    assert {line["level"] for line in daemon.lines} <= {"warning", "error", "critical"}
