@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import time
 from collections import deque
@@ -96,6 +97,19 @@ def log_request(
     )
 
 
+@dataclass(slots=True)
+class Finished:
+    """An attempt that got an outcome, as it is logged once that outcome is committed."""
+
+    delivery: DueDelivery
+    target: TargetConfig
+    attempt: int
+    result: AttemptResult
+    step: policy.Step
+    elapsed_ms: float
+    retry_in_s: float
+
+
 @dataclass(frozen=True)
 class Settings:
     """The config as the lanes read it at each attempt; replaced whole on reload."""
@@ -139,7 +153,13 @@ PAUSED_SWEEP_S = 60.0  # while paused with nothing waiting, how often to look ag
 
 class Lane:
     """One target's queue: a window of due deliveries, at most `concurrency` in flight,
-    starts spaced by `rate_limit`, and the pause (circuit breaker) in front of them all."""
+    starts spaced by `rate_limit`, and the pause (circuit breaker) in front of them all.
+
+    `concurrency` long-lived workers each take the next delivery and send it; whatever
+    has to be waited for (a pause, an empty window, the ordering check) is waited for
+    by one worker at a time, at the gate. A worker is free again once its request is
+    answered: the outcome's commit finishes in a callback (`_recorded`).
+    """
 
     def __init__(self, target: TargetConfig, services: LaneServices) -> None:
         self.target = target
@@ -157,9 +177,13 @@ class Lane:
         self._held_off_until = 0.0  # monotonic time before which nothing starts
         self._ordering_checked = False  # pending deliveries keyed to match `ordered`?
         self._restored = False
-        self._slots = asyncio.Semaphore(target.concurrency)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._gate = asyncio.Lock()  # held by the one worker that waits for work
+        self._workers: dict[int, asyncio.Task[None]] = {}
+        self._attempting: set[asyncio.Task[None]] = set()  # workers inside an attempt
+        self._recording: set[asyncio.Future[None]] = set()  # outcomes not yet committed
         self._stopping = False
+        self._staffed = False  # run() restored the pause and started the workers
+        self._stopped = asyncio.Event()
         self.in_flight = 0
         self.last_error: str | None = None
         self.pause = policy.TargetPause(
@@ -181,8 +205,8 @@ class Lane:
         self._window = max(16, 4 * target.concurrency)
         if (old.ordered, old.order_key) != (target.ordered, target.order_key):
             self._ordering_checked = False
-        if target.concurrency != old.concurrency:
-            self._slots = asyncio.Semaphore(target.concurrency)
+        if target.concurrency > old.concurrency and self._staffed:
+            self._staff()  # fewer: the extra workers end after their attempt
         if target.rate_limit != old.rate_limit:
             self._spacer = (
                 policy.StartSpacer(target.rate_limit.per_second) if target.rate_limit else None
@@ -196,15 +220,29 @@ class Lane:
         self._wake.set()
 
     async def run(self) -> None:
-        """The lane's loop; a failure of the journal or a bug costs a pause, never the lane."""
-        while not self._stopping:
+        """Restore the pause, then keep the workers going until the lane stops."""
+        while not self._restored:
             try:
                 await self._restore_pause()
-                await self._run()
             except Exception:  # logged with its traceback; the lane goes on
                 log.exception("lane.error", target=self.target.name, retry_in_s=LANE_BACKOFF_S)
-                self._hold_off()
                 await asyncio.sleep(LANE_BACKOFF_S)
+        self._staffed = True
+        self._staff()
+        await self._stopped.wait()  # the workers finish their attempts on their own (`finish`)
+
+    def _staff(self) -> None:
+        """Start the missing workers, up to `concurrency`."""
+        for index in range(self.target.concurrency):
+            worker = self._workers.get(index)
+            if (worker is None or worker.done()) and not self._stopping:
+                worker = asyncio.create_task(self._work(index), name=f"lane-{self.target.name}")
+                self._workers[index] = worker
+                worker.add_done_callback(functools.partial(self._worker_ended, index))
+
+    def _worker_ended(self, index: int, worker: asyncio.Task[None]) -> None:
+        if self._workers.get(index) is worker:
+            del self._workers[index]
 
     def _hold_off(self) -> None:
         """The journal failed us: start nothing for a while (no re-send storm)."""
@@ -217,27 +255,57 @@ class Lane:
             return "fifo"
         return "key" if self.target.order_key is not None else ""
 
-    async def _run(self) -> None:
-        while not self._stopping:
-            if not self._ordering_checked:
-                await self._journal.key_ordering(self.target.name, self.ordering)
-                self._ordering_checked = True
-            if self._held_off_until > time.monotonic():
-                await asyncio.sleep(self._held_off_until - time.monotonic())
-                continue
-            if not await self._open() or (not self._ready and not await self._refill()):
-                continue
-            slots = self._slots  # a reload may replace it; this attempt releases its own
-            await slots.acquire()
-            if self._spacer is not None:
-                await asyncio.sleep(self._spacer.reserve(time.monotonic()))
-            started_s = time.time()
-            if self._stopping or not self._ready or not self.pause.may_start(started_s):
-                slots.release()
-                continue
-            task = asyncio.create_task(self._attempt(self._ready.popleft(), started_s, slots))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    async def _work(self, index: int) -> None:
+        """One worker: the next delivery that may start, its attempt, and again; a failure
+        of the journal or a bug costs a pause, never the worker."""
+        while not self._stopping and index < self.target.concurrency:
+            try:
+                taken = await self._next(index)
+                if taken is not None:
+                    await self._attempt(*taken)
+            except Exception:  # logged with its traceback; the worker goes on
+                log.exception("lane.error", target=self.target.name, retry_in_s=LANE_BACKOFF_S)
+                self._hold_off()
+                await asyncio.sleep(LANE_BACKOFF_S)
+
+    async def _next(self, index: int) -> tuple[DueDelivery, float] | None:
+        """A delivery that may start now, and when it started; None: look again."""
+        if self._held_off_until > time.monotonic():
+            await asyncio.sleep(self._held_off_until - time.monotonic())
+            return None
+        if not self._ready or not self._ordering_checked or self.pause.wait_s(time.time()) != 0:
+            async with self._gate:
+                if not await self._wait_for_work():
+                    return None
+        if index >= self.target.concurrency:  # a reload lowered it while this one waited
+            return None
+        delivery = self._ready.popleft()
+        spacer = self._spacer
+        while spacer is not None:
+            await asyncio.sleep(spacer.reserve(time.monotonic()))
+            if spacer is self._spacer:
+                break
+            spacer = self._spacer  # a reload replaced it meanwhile: a slot of the new one
+        started_s = time.time()
+        if (
+            self._stopping
+            or index >= self.target.concurrency
+            or not self.pause.may_start(started_s)  # last: a True is a start
+        ):
+            self._ready.appendleft(delivery)
+            return None
+        return delivery, started_s
+
+    async def _wait_for_work(self) -> bool:
+        """At the gate: True once the target takes attempts and a delivery is ready."""
+        if self._stopping or self._held_off_until > time.monotonic():  # looked at again
+            return False
+        if not self._ordering_checked:
+            await self._journal.key_ordering(self.target.name, self.ordering)
+            self._ordering_checked = True
+        if not await self._open():
+            return False
+        return bool(self._ready) or await self._refill()
 
     async def _open(self) -> bool:
         """True when the target takes attempts; else wait (paused: cooldown, probing: result)."""
@@ -270,23 +338,34 @@ class Lane:
             await asyncio.wait_for(self._wake.wait(), timeout_s)
         return False
 
-    async def _attempt(
-        self, delivery: DueDelivery, started_s: float, slots: asyncio.Semaphore
-    ) -> None:
+    async def _attempt(self, delivery: DueDelivery, started_s: float) -> None:
+        worker = asyncio.current_task()
+        assert worker is not None
+        self._attempting.add(worker)
         settings = self._settings()  # the config current at this attempt
         target = settings.config.targets.get(self.target.name, self.target)
+        recording = False
         try:
-            request_or_reason = self._prepare(delivery, target, settings, started_s)
+            try:
+                request_or_reason = self._prepare(delivery, target, settings, started_s)
+            except Exception:
+                self.pause.abandon(started_s=started_s)  # never sent: a probe must not stay out
+                raise
             if isinstance(request_or_reason, str):
                 self.pause.abandon(started_s=started_s)
-                slots.release()
                 await self._give_up(delivery, target, request_or_reason)
                 return
-            await self._send_and_record(delivery, target, request_or_reason, started_s, slots)
+            recording = await self._send_and_record(delivery, target, request_or_reason, started_s)
         finally:
-            self._held.discard(delivery.id)
-            self._wake.set()  # a retry may now be the next one due
-            self._poke.set()  # and a probe's result changes the pause
+            self._attempting.discard(worker)
+            if not recording:
+                self._release(delivery)
+
+    def _release(self, delivery: DueDelivery) -> None:
+        """The delivery's outcome is committed (or it stays pending): out of the lane's hands."""
+        self._held.discard(delivery.id)
+        self._wake.set()  # a retry may now be the next one due
+        self._poke.set()  # and a probe's result changes the pause
 
     def _prepare(
         self, delivery: DueDelivery, target: TargetConfig, settings: Settings, now_s: float
@@ -316,8 +395,9 @@ class Lane:
         target: TargetConfig,
         request: OutboundRequest,
         started_s: float,
-        slots: asyncio.Semaphore,
-    ) -> None:
+    ) -> bool:
+        """Send, decide, and hand the outcome to the journal; True once it is handed over
+        (`_recorded` then finishes the attempt when it is committed)."""
         attempt = delivery.attempts + 1
         started = time.perf_counter()
         self.in_flight += 1
@@ -332,7 +412,6 @@ class Lane:
             result = AttemptResult(None, f"internal error: {type(error).__name__}: {error}")
         finally:
             self.in_flight -= 1
-            slots.release()
         elapsed_ms = (time.perf_counter() - started) * 1000
         decided_at_s = time.time()
         if result.refused:
@@ -367,14 +446,24 @@ class Lane:
         change = self._note_target_health(outcome, result, started_s)
         if change is not None:
             await self._pause_changed(change, result)
-        try:
-            await self._journal.record(record)
-        except JournalError as error:
+        committed = self._journal.record(record)
+        self._recording.add(committed)
+        retry_in_s = (step.next_at_s or decided_at_s) - decided_at_s
+        finished = Finished(delivery, target, attempt, result, step, elapsed_ms, retry_in_s)
+        committed.add_done_callback(functools.partial(self._recorded, finished))
+        return True
+
+    def _recorded(self, finished: Finished, committed: asyncio.Future[None]) -> None:
+        """The attempt's outcome is committed (or the write failed): log it, let go of it."""
+        delivery = finished.delivery
+        self._recording.discard(committed)
+        self._release(delivery)
+        error = None if committed.cancelled() else committed.exception()
+        if error is not None:
             log.error("journal.write_failed", error=str(error), delivery_id=delivery.id)
             self._hold_off()  # still pending in the journal: attempted again once it writes
             return
-        retry_in_s = (step.next_at_s or decided_at_s) - decided_at_s
-        self._log_attempt(delivery, target, attempt, result, step, elapsed_ms, retry_in_s)
+        self._log_attempt(finished)
 
     def _secret_headers(self, target: TargetConfig, delivery: DueDelivery) -> frozenset[str]:
         """Header names that carry credentials for this delivery, whatever they are called."""
@@ -465,16 +554,11 @@ class Lane:
             return PAUSED_SWEEP_S
         return max(0.05, (oldest_ms + max_age_s * 1000 - _now_ms()) / 1000)
 
-    def _log_attempt(
-        self,
-        delivery: DueDelivery,
-        target: TargetConfig,
-        attempt: int,
-        result: AttemptResult,
-        step: policy.Step,
-        elapsed_ms: float,
-        retry_in_s: float,
-    ) -> None:
+    def _log_attempt(self, finished: Finished) -> None:
+        delivery, target, result, step = (
+            finished.delivery, finished.target, finished.result, finished.step
+        )  # fmt: skip
+        elapsed_ms = finished.elapsed_ms
         delivered = step.outcome is policy.Outcome.DELIVERED
         self._metrics.count_attempt(target.name, step.outcome.value, elapsed_ms / 1000)
         if delivered:
@@ -488,7 +572,7 @@ class Lane:
             "event_id": delivery.event_id,
             "target": target.name,
             "route": delivery.route,
-            "attempt": attempt,
+            "attempt": finished.attempt,
             "status": result.status,
             "ms": round(elapsed_ms, 3),
         }
@@ -501,7 +585,10 @@ class Lane:
             log.info("delivery.succeeded", **fields)
         elif step.outcome is policy.Outcome.RETRY:
             log.warning(
-                "delivery.failed", error=result.error, retry_in_s=round(retry_in_s, 3), **fields
+                "delivery.failed",
+                error=result.error,
+                retry_in_s=round(finished.retry_in_s, 3),
+                **fields,
             )
         else:
             log.error("delivery.dead", error=result.error, reason=step.reason, **fields)
@@ -533,19 +620,28 @@ class Lane:
 
     def stop_taking(self) -> None:
         self._stopping = True
+        self._stopped.set()
         self._poke.set()
         self._wake.set()
 
     async def finish(self, timeout_s: float) -> int:
-        """Wait up to `timeout_s` for in-flight attempts; cancel the rest. How many were cut."""
-        tasks = set(self._tasks)
-        if not tasks:
-            return 0
-        _done, pending = await asyncio.wait(tasks, timeout=timeout_s)
-        for task in pending:
+        """Wait up to `timeout_s` for in-flight attempts and their commits; cancel the rest
+        (workers not in an attempt at once). How many attempts were cut."""
+        idle = [w for w in self._workers.values() if w not in self._attempting]
+        for worker in idle:
+            worker.cancel()
+        deadline = time.monotonic() + timeout_s
+        attempting = set(self._attempting)
+        _done, cut = (
+            await asyncio.wait(attempting, timeout=timeout_s) if attempting else (set(), set())
+        )
+        for task in cut:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        return len(pending)
+        await asyncio.gather(*idle, *cut, return_exceptions=True)
+        if self._recording:  # outcomes handed over meanwhile, during the grace included
+            remaining_s = max(0.0, deadline - time.monotonic())
+            await asyncio.wait(set(self._recording), timeout=remaining_s)
+        return len(cut)
 
 
 def _now_ms() -> int:

@@ -106,6 +106,12 @@ async def test_sigterm_lets_in_flight_requests_finish(
     assert await daemon.wait() == 0
     assert await daemon.wait_log("delivery.succeeded", event_id=reply["id"]) is not None
     assert daemon.query("SELECT status FROM deliveries") == [("delivered",)]
+    # its outcome was committed before the daemon said it stopped (found by review)
+    names = [line["event"] for line in daemon.lines]
+    assert names.index("delivery.succeeded") < names.index("relay.stopped")
+    stopped = daemon.find("relay.stopped")
+    assert stopped is not None
+    assert stopped["pending"] == 0
 
 
 async def test_second_sigint_exits_at_once(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 
 from conftest import Daemon, Receiver, eventually, free_port, server_toml
 
@@ -189,3 +192,64 @@ async def test_a_removed_target_can_be_re_added_and_its_dead_deliveries_replayed
             == [("delivered",)]
         )
     )
+
+
+def one_lane(tmp_path: Path, port: int, url: str, target_settings: str) -> str:
+    return (
+        server_toml(tmp_path, listen_port=port)
+        + f"""
+[sources.app]
+[targets.svc]
+url = "{url}"
+{target_settings}
+[[routes]]
+name = "r"
+source = "app"
+targets = ["svc"]
+"""
+    )
+
+
+@pytest.mark.parametrize(("before", "after"), [(4, 1), (1, 3)])
+async def test_a_changed_concurrency_holds_for_the_next_starts(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory, before: int, after: int
+) -> None:
+    """After a reload changes an idle lane's concurrency, new deliveries go `after` at a
+    time, no more and no fewer (found by review: when it was lowered, workers already
+    waiting for work each started one more)."""
+    svc = await receivers()
+    svc.gate = asyncio.Event()
+    port = free_port()
+    daemon = await daemons(one_lane(tmp_path, port, svc.url, f"concurrency = {before}"))
+    daemon.config_path.write_text(one_lane(tmp_path, port, svc.url, f"concurrency = {after}"))
+    await reload_and_wait(daemon, "config.reloaded")
+    for n in range(6):
+        assert (await daemon.post("/hooks/app", {"n": n}))[0] == 202
+    await eventually(lambda: svc.current == after)
+    svc.gate.set()
+    await eventually(lambda: len(svc.requests) == 6)
+    assert svc.max_concurrent == after
+
+
+async def test_a_slower_rate_limit_spaces_starts_from_the_reload_on(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A reload from rate_limit 8/s to 2/s: every start after it is 1/2 s after the one
+    before, none at the old rate (found by review: workers already waiting on the old
+    spacing each started at it)."""
+    svc = await receivers()
+    port = free_port()
+    fast = one_lane(tmp_path, port, svc.url, 'concurrency = 4\nrate_limit = "8/s"')
+    daemon = await daemons(fast)
+    for n in range(12):
+        assert (await daemon.post("/hooks/app", {"n": n}))[0] == 202
+    await eventually(lambda: len(svc.requests) >= 3)
+    daemon.config_path.write_text(fast.replace('"8/s"', '"2/s"'))
+    await reload_and_wait(daemon, "config.reloaded")
+    reloaded_at = time.monotonic()  # the receiver's clock
+    await eventually(lambda: len(svc.requests) == 12, timeout_s=30)
+    # the first start after the reload may still be one the old spacing allowed
+    after = [r.at for r in svc.requests if r.at > reloaded_at][1:]
+    gaps_s = [later - earlier for earlier, later in itertools.pairwise(after)]
+    assert gaps_s
+    assert min(gaps_s) >= 0.5 - 0.02, gaps_s
