@@ -258,11 +258,13 @@ class Lane:
     async def _work(self, index: int) -> None:
         """One worker: the next delivery that may start, its attempt, and again; a failure
         of the journal or a bug costs a pause, never the worker."""
+        worker = asyncio.current_task()  # once: it is a Python-level call in 3.11
+        assert worker is not None
         while not self._stopping and index < self.target.concurrency:
             try:
                 taken = await self._next(index)
                 if taken is not None:
-                    await self._attempt(*taken)
+                    await self._attempt(worker, *taken)
             except Exception:  # logged with its traceback; the worker goes on
                 log.exception("lane.error", target=self.target.name, retry_in_s=LANE_BACKOFF_S)
                 self._hold_off()
@@ -338,9 +340,9 @@ class Lane:
             await asyncio.wait_for(self._wake.wait(), timeout_s)
         return False
 
-    async def _attempt(self, delivery: DueDelivery, started_s: float) -> None:
-        worker = asyncio.current_task()
-        assert worker is not None
+    async def _attempt(
+        self, worker: asyncio.Task[None], delivery: DueDelivery, started_s: float
+    ) -> None:
         self._attempting.add(worker)
         settings = self._settings()  # the config current at this attempt
         target = settings.config.targets.get(self.target.name, self.target)
