@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import threading
 from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from relay import ids
 from relay.journal import AttemptRecord, JournalError, NewDelivery, NewEvent, open_journal
@@ -82,6 +86,19 @@ async def test_a_failing_commit_observer_does_not_stop_the_writer(tmp_path: Path
         for n in range(3):
             assert await journal.append(new_event(1000 + n)) is None
         assert await journal.fetch("SELECT count(*) FROM events") == [(3,)]
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+async def test_the_writer_thread_runs_as_a_batch_thread(tmp_path: Path) -> None:
+    """The journal's writer runs under SCHED_BATCH (it commits when the event loop lets
+    go of the core, not the moment a write arrives); the event loop's thread keeps the
+    default policy."""
+    async with open_journal(tmp_path / "j.db", "full") as journal:
+        await journal.append(new_event(1000))  # the writer has started and committed
+        (writer,) = [t for t in threading.enumerate() if t.name == "relay-journal"]
+        assert writer.native_id is not None
+        assert os.sched_getscheduler(writer.native_id) == os.SCHED_BATCH
+        assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER
 
 
 async def test_sync_level_is_read_back(tmp_path: Path) -> None:
