@@ -89,7 +89,7 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -
         inbound_handler = Inbound(
             Routing.of(config),
             journal,
-            deliverer.notify,
+            deliverer.accepted,
             tail,
             counters=api.counters,
             metrics=metrics,

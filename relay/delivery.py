@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import random
 import time
 from collections import deque
@@ -25,7 +26,15 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from relay import http1, logs, policy
-from relay.journal import AttemptRecord, DueDelivery, Journal, JournalError, Ordering
+from relay.journal import (
+    AttemptRecord,
+    DueDelivery,
+    Journal,
+    JournalError,
+    NewDelivery,
+    NewEvent,
+    Ordering,
+)
 from relay.metrics import Metrics
 from relay.model import Config, RouteConfig, TargetConfig
 from relay.netpolicy import NetworkPolicy
@@ -148,6 +157,7 @@ class LaneServices:
 
 
 LANE_BACKOFF_S = 2.0  # after a journal failure, how long a lane starts nothing
+FRESH_TRUST_S = 1.0  # how long a lane that keeps up takes new deliveries from memory alone
 PAUSED_SWEEP_S = 60.0  # while paused with nothing waiting, how often to look again
 
 
@@ -159,6 +169,12 @@ class Lane:
     has to be waited for (a pause, an empty window, the ordering check) is waited for
     by one worker at a time, at the gate. A worker is free again once its request is
     answered: the outcome's commit finishes in a callback (`_recorded`).
+
+    A lane that keeps up (its last read of the journal found less than a window, and
+    nothing since has been committed for it that it did not see) takes deliveries just
+    committed by ingress from memory (`offer`) instead of reading them back, for up to
+    FRESH_TRUST_S or until its next scheduled retry is due; then it reads the journal
+    again. Anything it is not sure of makes it read the journal (`_journal_changed`).
     """
 
     def __init__(self, target: TargetConfig, services: LaneServices) -> None:
@@ -176,6 +192,11 @@ class Lane:
         self._nothing_waiting = False  # paused, and nothing pending when last looked
         self._held_off_until = 0.0  # monotonic time before which nothing starts
         self._ordering_checked = False  # pending deliveries keyed to match `ordered`?
+        self._fresh_until = 0.0  # monotonic time until which offers alone bring new work
+        self._missed = 0  # offers not taken (and other journal changes): counted
+        self._reading = False  # a read of due deliveries is under way
+        self._offered_meanwhile: list[DueDelivery] = []  # offers made during that read
+        self._retry_cap = math.inf  # earliest retry recorded since the last read began
         self._restored = False
         self._gate = asyncio.Lock()  # held by the one worker that waits for work
         self._workers: dict[int, asyncio.Task[None]] = {}
@@ -193,8 +214,42 @@ class Lane:
             policy.StartSpacer(target.rate_limit.per_second) if target.rate_limit else None
         )
 
-    def wake(self) -> None:
+    def offer(self, event: NewEvent, new: NewDelivery) -> None:
+        """A delivery ingress has just committed: kept in memory when the lane keeps up,
+        else left for the journal read (the journal, not this, is the record)."""
+        if not self._reading and not self._keeping_up():
+            self.wake()  # also re-times the max_age sweep of a paused lane with nothing waiting
+            return
+        delivery = DueDelivery(new.id, event.id, new.route, new.target, 0, event.received_at_ms,
+                               event.source, event.method, event.path, event.query,
+                               list(event.headers), event.body)  # fmt: skip
+        if delivery.id in self._held:  # already taken from the journal: never twice
+            return
+        if self._reading:  # the read may or may not see it: sorted out when it ends
+            self._offered_meanwhile.append(delivery)
+        else:
+            self._ready.append(delivery)
+            self._held.add(delivery.id)
+            self._wake.set()  # a worker waiting at the gate takes it
+
+    def _keeping_up(self) -> bool:
+        """Whether new deliveries may be taken from memory (`offer`)."""
+        return (
+            self._fresh_until > time.monotonic()
+            and len(self._ready) < self._window
+            and self.pause.state == "open"
+            and not self.ordering
+            and not self._stopping
+        )
+
+    def _journal_changed(self) -> None:
+        """The journal may hold due work the lane has not seen: read it at the next turn."""
+        self._fresh_until = 0.0
+        self._missed += 1
         self._wake.set()
+
+    def wake(self) -> None:
+        self._journal_changed()
         if self._nothing_waiting:  # paused with an empty queue: max_age needs a new timer
             self._nothing_waiting = False
             self._poke.set()
@@ -217,7 +272,7 @@ class Lane:
                 self.pause.snapshot(), time.time(),
             )  # fmt: skip
         self._poke.set()
-        self._wake.set()
+        self._journal_changed()
 
     async def run(self) -> None:
         """Restore the pause, then keep the workers going until the lane stops."""
@@ -247,6 +302,7 @@ class Lane:
     def _hold_off(self) -> None:
         """The journal failed us: start nothing for a while (no re-send storm)."""
         self._held_off_until = time.monotonic() + LANE_BACKOFF_S
+        self._journal_changed()
 
     @property
     def ordering(self) -> Ordering:
@@ -307,7 +363,10 @@ class Lane:
             self._ordering_checked = True
         if not await self._open():
             return False
-        return bool(self._ready) or await self._refill()
+        if self._ready:
+            return True
+        await self._refill()
+        return bool(self._ready)  # other workers may have taken them during the read
 
     async def _open(self) -> bool:
         """True when the target takes attempts; else wait (paused: cooldown, probing: result)."""
@@ -322,22 +381,46 @@ class Lane:
         return False
 
     async def _refill(self) -> bool:
-        """Load due deliveries; when none, wait for a wake-up or the next due time."""
+        """Load due deliveries; when none, wait for a wake-up or the next due time. While
+        the lane keeps up, offers bring new work: wait for one, no read."""
         self._wake.clear()  # before the query: a wake-up during it is not lost
-        now = _now_ms()
-        rows = await self._journal.due(
-            self.target.name, now, self._window, self._held, ordering=self.ordering
-        )
-        if rows:
-            self._ready.extend(rows)
-            self._held.update(row.id for row in rows)
-            return True
+        trust_s = self._fresh_until - time.monotonic()
+        if trust_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), trust_s)
+            return False
+        missed = self._missed
+        self._retry_cap = math.inf
+        self._reading = not self.ordering
+        try:
+            rows = await self._journal.due(
+                self.target.name, _now_ms(), self._window, self._held, ordering=self.ordering
+            )
+        finally:
+            self._reading = False
+            meanwhile, self._offered_meanwhile = self._offered_meanwhile, []
+        self._ready.extend(rows)
+        self._held.update(row.id for row in rows)
+        if meanwhile and self.ordering:  # a reload made the lane ordered: the order rules
+            self._journal_changed()
+            meanwhile = []
+        for delivery in meanwhile:  # committed before it was offered: read, or here now
+            if delivery.id not in self._held:
+                self._ready.append(delivery)
+                self._held.add(delivery.id)
+        if len(rows) >= self._window:
+            return True  # maybe more behind them
         next_ms = await self._journal.next_due_ms(
             self.target.name, self._held, ordering=self.ordering
         )
-        timeout_s = None if next_ms is None else max(0.0, (next_ms - _now_ms()) / 1000)
+        next_s = None if next_ms is None else max(0.0, (next_ms - _now_ms()) / 1000)
+        if self._missed == missed and not self.ordering:  # all due is in hand: offers do
+            trust_s = FRESH_TRUST_S if next_s is None else min(FRESH_TRUST_S, next_s)
+            self._fresh_until = min(time.monotonic() + trust_s, self._retry_cap)
+        if self._ready:  # read, or offered during the read
+            return True
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout_s)
+            await asyncio.wait_for(self._wake.wait(), next_s)
         return False
 
     async def _attempt(
@@ -362,12 +445,14 @@ class Lane:
             self._attempting.discard(worker)
             if not recording:
                 self._release(delivery)
+                self._journal_changed()  # given up, or still pending: the journal knows
 
     def _release(self, delivery: DueDelivery) -> None:
         """The delivery's outcome is committed (or it stays pending): out of the lane's hands."""
         self._held.discard(delivery.id)
-        self._wake.set()  # a retry may now be the next one due
-        self._poke.set()  # and a probe's result changes the pause
+        self._poke.set()  # a probe's result changes the pause
+        if self.ordering:
+            self._wake.set()  # the next delivery of its key may now go
 
     def _prepare(
         self, delivery: DueDelivery, target: TargetConfig, settings: Settings, now_s: float
@@ -465,6 +550,12 @@ class Lane:
             log.error("journal.write_failed", error=str(error), delivery_id=delivery.id)
             self._hold_off()  # still pending in the journal: attempted again once it writes
             return
+        if finished.step.outcome is policy.Outcome.RETRY:  # due again at next_at_s
+            wait_s = (finished.step.next_at_s or 0.0) - time.time()
+            due_at = time.monotonic() + max(0.0, wait_s)
+            self._retry_cap = min(self._retry_cap, due_at)  # a read under way may miss it
+            self._fresh_until = min(self._fresh_until, due_at)
+            self._wake.set()  # a waiter re-times its wait
         self._log_attempt(finished)
 
     def _secret_headers(self, target: TargetConfig, delivery: DueDelivery) -> frozenset[str]:
@@ -504,7 +595,7 @@ class Lane:
                 pass
         except JournalError as error:
             log.error("journal.write_failed", error=str(error), target=self.target.name)
-        self._wake.set()
+        self._journal_changed()
 
     async def _save_pause(self) -> None:
         failures, pauses, until_s = self.pause.snapshot()
@@ -703,6 +794,13 @@ class Deliverer:
             self._retiring.add(retiring)
             retiring.add_done_callback(self._retiring.discard)
         return removed
+
+    def accepted(self, event: NewEvent) -> None:
+        """Ingress committed `event`: its deliveries are offered to their lanes."""
+        for new in event.deliveries:
+            lane = self.lanes.get(new.target)
+            if lane is not None:
+                lane.offer(event, new)
 
     def notify(self, targets: Iterable[str]) -> None:
         """New deliveries were committed for these targets."""

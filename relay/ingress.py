@@ -20,7 +20,7 @@ import inspect
 import ipaddress
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,7 +120,7 @@ class Inbound:
         self,
         routing: Routing,
         journal: Journal,
-        on_accepted: Callable[[Sequence[str]], None],
+        on_accepted: Callable[[NewEvent], None],
         tail: Tail,
         *,
         counters: RequestCounter | None = None,
@@ -292,7 +292,7 @@ class Inbound:
             return _json(200, {"id": original, "duplicate": True})
         deliveries = event.deliveries
         if deliveries:
-            self._on_accepted(sorted({d.target for d in deliveries}))
+            self._on_accepted(event)
         if self._tail.listened or log.info_enabled:
             self._tell_accepted(event, source, received_at, started)
         self._count(source, "accepted")

@@ -176,6 +176,11 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         logger_factory=factory,
         cache_logger_on_first_use=True,  # one bind per module, not per line (hot path)
     )
+    rebind_loggers()
+
+
+def rebind_loggers() -> None:
+    """Point every module logger at structlog's current configuration."""
     for logger in list(_loggers):
         logger.rebind()
 

@@ -306,3 +306,9 @@ async def test_max_age_still_applies_while_a_target_is_paused(
     assert len(svc.requests) == 1
     statuses = daemon.query("SELECT status FROM events WHERE id IN (?, ?)", tuple(waiting))
     assert statuses == [("dead",), ("dead",)]
+    # Now nothing waits: one more event, accepted while the lane sits out the pause with
+    # an empty queue, still ends dead at max_age, not at the next minute's sweep (found by
+    # review).
+    _, late, _ = await daemon.post("/hooks/app", {"n": 4})
+    dead = await daemon.wait_log("delivery.dead", event_id=late["id"], timeout_s=15)
+    assert dead["reason"] == "max_age 1s exceeded while the target was paused"

@@ -244,3 +244,32 @@ async def test_unrouted_event_is_journaled_without_deliveries(
     status, reply, _ = await daemon.post("/hooks/lonely", {"x": 1})
     assert (status, reply["deliveries"]) == (202, 0)
     assert daemon.query("SELECT id, status FROM events") == [(reply["id"], "unrouted")]
+
+
+async def test_a_burst_is_delivered_exactly_once_each(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A backlog of 100 events, then 200 more posted 8 at a time while it drains: the lane
+    reads the journal while new deliveries are handed to it from memory, and each of the
+    300 reaches the target once, with its own webhook-id."""
+    receiver = await receivers()
+    receiver.gate = asyncio.Event()
+    daemon = await daemons(one_route(tmp_path, receiver, "concurrency = 4"))
+
+    async def post_all(numbers: range) -> None:
+        for n in numbers:
+            status, _, _ = await daemon.post("/hooks/app", {"n": n})
+            assert status == 202
+
+    await post_all(range(100))
+    await eventually(lambda: receiver.current == 4)
+    receiver.gate.set()
+    await asyncio.gather(*(post_all(range(100 + k, 300, 8)) for k in range(8)))
+    await eventually(
+        lambda: (
+            daemon.query("SELECT count(*) FROM deliveries WHERE status = 'delivered'") == [(300,)]
+        )
+    )
+    ids = [r.headers["webhook-id"] for r in receiver.requests]
+    assert len(ids) == len(set(ids)) == 300
+    assert daemon.query("SELECT count(*) FROM attempts") == [(300,)]

@@ -20,6 +20,7 @@ def restored_structlog() -> Iterator[None]:
     saved = structlog.get_config()
     yield
     structlog.configure(**saved)
+    logs.rebind_loggers()  # module loggers of later tests write where they did before
 
 
 @pytest.mark.parametrize(

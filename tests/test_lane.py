@@ -1,0 +1,199 @@
+"""A lane inside one process, with a real journal, HTTP client and receiver: how the
+deliveries handed over from memory and those read back from the journal interleave."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay import delivery as delivery_module
+from relay import ids
+from relay.config import load
+from relay.delivery import Deliverer, open_deliverer
+from relay.journal import DueDelivery, Journal, NewDelivery, NewEvent, open_journal
+from relay.metrics import Metrics
+from relay.netpolicy import NetworkPolicy
+from relay.tail import Tail
+
+from conftest import Receiver, eventually, server_toml
+
+
+def new_event(n: int) -> NewEvent:
+    """An accepted event with one delivery to `svc`, as ingress builds it."""
+    return NewEvent(
+        id=ids.event_id(),
+        source="app",
+        received_at_ms=time.time_ns() // 1_000_000,
+        method="POST",
+        path="/hooks/app",
+        query="",
+        headers=[("Content-Type", "application/json")],
+        body=b'{"n": %d}' % n,
+        routes=[{"name": "r", "matched": True, "error": None}],
+        deliveries=[NewDelivery(ids.delivery_id(), "r", "svc")],
+    )
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    target = await Receiver().start()
+    yield target
+    await target.stop()
+
+
+@contextlib.asynccontextmanager
+async def delivering(
+    tmp_path: Path, url: str, journal: Journal, *, concurrency: int = 1
+) -> AsyncIterator[Deliverer]:
+    """The deliverer of a config with one route from `app` to `svc` at `url`."""
+    config_path = tmp_path / "relay.toml"
+    config_path.write_text(
+        server_toml(tmp_path)
+        + f'[sources.app]\n[targets.svc]\nurl = "{url}"\nconcurrency = {concurrency}\n'
+        + '[[routes]]\nname = "r"\nsource = "app"\ntargets = ["svc"]\n'
+    )
+    async with open_deliverer(journal, NetworkPolicy(), Tail(), Metrics()) as deliverer:
+        deliverer.start(load(config_path))
+        try:
+            yield deliverer
+        finally:
+            await deliverer.stop(1.0)
+
+
+async def test_a_delivery_handed_over_while_the_journal_is_read_is_sent_once(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """An event committed and handed to the lane while the lane's read of the journal is
+    under way (so that the read sees it too) is sent once, not once from each."""
+    reading, release = asyncio.Event(), asyncio.Event()
+    async with open_journal(tmp_path / "relay.db", "normal") as journal:
+        real_due = journal.due
+
+        async def held_read(*args: Any, **kwargs: Any) -> list[DueDelivery]:
+            reading.set()
+            await release.wait()  # the query runs after the event below is committed
+            return await real_due(*args, **kwargs)
+
+        journal.due = held_read  # type: ignore[method-assign]
+        async with delivering(tmp_path, receiver.url, journal) as deliverer:
+            await reading.wait()  # the lane's first read is under way
+            event = new_event(1)
+            assert await journal.append(event) is None
+            deliverer.accepted(event)  # as ingress does once the commit is done
+            release.set()
+
+            async def delivered() -> bool:
+                return await journal.fetch("SELECT status FROM deliveries") == [("delivered",)]
+
+            await eventually(delivered)
+            assert [r.headers["webhook-id"] for r in receiver.requests] == [event.deliveries[0].id]
+            assert await journal.fetch("SELECT count(*) FROM attempts") == [(1,)]
+
+
+async def test_deliveries_handed_over_while_keeping_up_are_sent_from_memory(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """Once the lane has read the journal and found it empty, new events handed to it are
+    sent without another read of the journal, each once."""
+    async with open_journal(tmp_path / "relay.db", "normal") as journal:
+        reads: list[float] = []
+        real_due = journal.due
+
+        async def counted_read(*args: Any, **kwargs: Any) -> list[DueDelivery]:
+            reads.append(time.monotonic())
+            return await real_due(*args, **kwargs)
+
+        journal.due = counted_read  # type: ignore[method-assign]
+        async with delivering(tmp_path, receiver.url, journal) as deliverer:
+            await eventually(lambda: len(reads) == 1)  # the first read: nothing due
+            events = [new_event(n) for n in range(5)]
+            for event in events:
+                assert await journal.append(event) is None
+                deliverer.accepted(event)
+            await eventually(lambda: len(receiver.requests) == 5)
+            sent = [r.headers["webhook-id"] for r in receiver.requests]
+            assert sorted(sent) == sorted(e.deliveries[0].id for e in events)
+            assert len(reads) == 1
+
+
+async def test_rows_taken_by_another_worker_during_a_read_do_not_stop_the_lane(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker reading the journal finds B; before its read is over, another worker
+    (free again) takes B. The reader then finds nothing to take and looks again, instead
+    of failing and holding the lane off (found by review)."""
+    errors: list[str] = []
+    monkeypatch.setattr(delivery_module.log, "exception", lambda event, **_: errors.append(event))
+    answer_a = asyncio.Event()
+
+    async def held_answer() -> tuple[int, dict[str, str], bytes]:
+        await answer_a.wait()
+        return (200, {}, b"ok")
+
+    receiver.script.append(held_answer)
+    async with open_journal(tmp_path / "relay.db", "normal") as journal:
+        real_next_due = journal.next_due_ms
+        hold_next_due = asyncio.Event()
+        in_next_due = asyncio.Event()
+        hold_next_due.set()
+
+        async def next_due(*args: Any, **kwargs: Any) -> int | None:
+            in_next_due.set()
+            await hold_next_due.wait()
+            return await real_next_due(*args, **kwargs)
+
+        journal.next_due_ms = next_due  # type: ignore[method-assign]
+        async with delivering(tmp_path, receiver.url, journal, concurrency=2) as deliverer:
+            first, second, third = new_event(1), new_event(2), new_event(3)
+            await journal.append(first)
+            deliverer.notify(["svc"])  # read from the journal, not handed over
+            await eventually(lambda: len(receiver.requests) == 1)  # A held open
+            hold_next_due.clear()
+            in_next_due.clear()
+            await journal.append(second)
+            deliverer.notify(["svc"])
+            await in_next_due.wait()  # B is read; the reader waits in its second query
+            answer_a.set()  # A's worker is free and takes B
+            await eventually(lambda: len(receiver.requests) == 2)
+            hold_next_due.set()
+            await journal.append(third)
+            deliverer.accepted(third)
+            await eventually(lambda: len(receiver.requests) == 3)
+    assert errors == []
+
+
+async def test_a_delivery_handed_over_during_a_read_that_found_nothing_is_sent(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """The lane's read finds nothing; an event committed after the read looked, and handed
+    over before the read is over, is sent at once (found by review: it waited for the
+    next wake-up, which on a quiet target might never come)."""
+    async with open_journal(tmp_path / "relay.db", "normal") as journal:
+        real_due = journal.due
+        looked, release = asyncio.Event(), asyncio.Event()
+        release.set()
+
+        async def due(*args: Any, **kwargs: Any) -> list[DueDelivery]:
+            rows = await real_due(*args, **kwargs)
+            looked.set()
+            await release.wait()  # the read is over only after the event below
+            return rows
+
+        journal.due = due  # type: ignore[method-assign]
+        async with delivering(tmp_path, receiver.url, journal) as deliverer:
+            await looked.wait()  # the first read: nothing due
+            looked.clear()
+            release.clear()
+            deliverer.notify(["svc"])  # the lane reads again
+            await looked.wait()
+            event = new_event(1)
+            assert await journal.append(event) is None
+            deliverer.accepted(event)
+            release.set()
+            await eventually(lambda: len(receiver.requests) == 1, timeout_s=5)
