@@ -217,6 +217,10 @@ class Lane:
     def offer(self, event: NewEvent, new: NewDelivery) -> None:
         """A delivery ingress has just committed: kept in memory when the lane keeps up,
         else left for the journal read (the journal, not this, is the record)."""
+        if new.order_key is None and self.ordering:
+            # Routed with the config from before a reload that ordered this target: its
+            # queue is re-keyed once more, or the delivery would wait for a restart.
+            self._ordering_checked = False
         if not self._reading and not self._keeping_up():
             self.wake()  # also re-times the max_age sweep of a paused lane with nothing waiting
             return

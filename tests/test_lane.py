@@ -197,3 +197,27 @@ async def test_a_delivery_handed_over_during_a_read_that_found_nothing_is_sent(
             deliverer.accepted(event)
             release.set()
             await eventually(lambda: len(receiver.requests) == 1, timeout_s=5)
+
+
+async def test_a_delivery_routed_before_a_reload_ordered_its_target_is_sent(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A request routed with the old config commits its delivery without an order key
+    after a reload made the target ordered (and its queue was re-keyed): it is still sent,
+    not left for the next restart (found by review)."""
+    async with (
+        open_journal(tmp_path / "relay.db", "normal") as journal,
+        delivering(tmp_path, receiver.url, journal) as deliverer,
+    ):
+        config_path = tmp_path / "relay.toml"
+        config_path.write_text(config_path.read_text().replace("concurrency = 1", "ordered = true"))
+        await deliverer.reconfigure(load(config_path), 1.0)
+        ordered = new_event(1)
+        ordered.deliveries[0].order_key = ""  # as ingress keys it under the new config
+        assert await journal.append(ordered) is None
+        deliverer.accepted(ordered)
+        await eventually(lambda: len(receiver.requests) == 1)  # the queue was re-keyed
+        stale = new_event(2)  # order_key None: routed under the old config
+        assert await journal.append(stale) is None
+        deliverer.accepted(stale)
+        await eventually(lambda: len(receiver.requests) == 2, timeout_s=5)
