@@ -132,7 +132,7 @@ class LineWriter:
             try:
                 self._stream.write(b"\n".join(lines) + b"\n")
                 self._stream.flush()
-            except OSError as error:  # stdout closed (a pipe reader gone): say so once, go on
+            except (OSError, ValueError) as error:  # reader gone, or stream closed: once
                 self._broken = True
                 with contextlib.suppress(OSError):
                     sys.stderr.write(f"relay: log output failed, lines dropped from now: {error}\n")

@@ -141,3 +141,16 @@ def test_module_loggers_still_bind() -> None:
     logs.get_logger().bind(target="svc").info("bound")
     logs.flush()
     assert orjson.loads(out.getvalue())["target"] == "svc"
+
+
+def test_a_closed_stream_is_reported_once_and_logging_goes_on(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A stream closed under relay (ValueError rather than a broken pipe) is treated the
+    same way: one line on stderr, lines dropped, nothing raised to the caller."""
+    stream = io.BytesIO()
+    stream.close()
+    writer = logs.LineWriter(stream)
+    for n in range(3):
+        writer.msg(b'{"n":%d}' % n)
+    assert capsys.readouterr().err.count("log output failed") == 1
