@@ -174,7 +174,9 @@ class Lane:
     nothing since has been committed for it that it did not see) takes deliveries just
     committed by ingress from memory (`offer`) instead of reading them back, for up to
     FRESH_TRUST_S or until its next scheduled retry is due; then it reads the journal
-    again. Anything it is not sure of makes it read the journal (`_journal_changed`).
+    again (a lane with nothing pending at all waits for the next offer or wake-up, as
+    an idle lane always has). Anything it is not sure of makes it read the journal
+    (`_journal_changed`).
     """
 
     def __init__(self, target: TargetConfig, services: LaneServices) -> None:
@@ -391,7 +393,7 @@ class Lane:
         trust_s = self._fresh_until - time.monotonic()
         if trust_s > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), trust_s)
+                await asyncio.wait_for(self._wake.wait(), None if math.isinf(trust_s) else trust_s)
             return False
         missed = self._missed
         self._retry_cap = math.inf
@@ -419,7 +421,10 @@ class Lane:
         )
         next_s = None if next_ms is None else max(0.0, (next_ms - _now_ms()) / 1000)
         if self._missed == missed and not self.ordering:  # all due is in hand: offers do
-            trust_s = FRESH_TRUST_S if next_s is None else min(FRESH_TRUST_S, next_s)
+            if next_s is None and not self._ready:
+                trust_s = math.inf  # nothing pending: only offers and wake-ups bring work
+            else:
+                trust_s = FRESH_TRUST_S if next_s is None else min(FRESH_TRUST_S, next_s)
             self._fresh_until = min(time.monotonic() + trust_s, self._retry_cap)
         if self._ready:  # read, or offered during the read
             return True
