@@ -219,10 +219,12 @@ class Lane:
     def offer(self, event: NewEvent, new: NewDelivery) -> None:
         """A delivery ingress has just committed: kept in memory when the lane keeps up,
         else left for the journal read (the journal, not this, is the record)."""
-        if new.order_key is None and self.ordering:
-            # Routed with the config from before a reload that ordered this target: its
-            # queue is re-keyed once more, or the delivery would wait for a restart.
-            self._ordering_checked = False
+        if not self._keyed_as_now(new.order_key):
+            # Routed with the config from before a reload that changed this target's
+            # ordering: its queue is re-keyed once more and read back, or the delivery
+            # would be invisible (ordered) or hidden behind another of its old key.
+            self.requeued()
+            return
         if not self._reading and not self._keeping_up():
             self.wake()  # also re-times the max_age sweep of a paused lane with nothing waiting
             return
@@ -237,6 +239,20 @@ class Lane:
             self._ready.append(delivery)
             self._held.add(delivery.id)
             self._wake.set()  # a worker waiting at the gate takes it
+
+    def _keyed_as_now(self, order_key: str | None) -> bool:
+        """Whether a delivery with this order key fits the lane's ordering as it is now."""
+        ordering = self.ordering
+        if ordering == "fifo":
+            return order_key == ""
+        return (order_key is not None) == (ordering == "key")
+
+    def requeued(self) -> None:
+        """Deliveries were made pending again (a replay), or committed with an order key
+        of another config: they keep the key of their day, so the queue is re-keyed
+        before it is read again."""
+        self._ordering_checked = False
+        self.wake()
 
     def _keeping_up(self) -> bool:
         """Whether new deliveries may be taken from memory (`offer`)."""
@@ -421,7 +437,7 @@ class Lane:
         )
         next_s = None if next_ms is None else max(0.0, (next_ms - _now_ms()) / 1000)
         if self._missed == missed and not self.ordering:  # all due is in hand: offers do
-            if next_s is None and not self._ready:
+            if next_s is None and not self._ready and not self._held:
                 trust_s = math.inf  # nothing pending: only offers and wake-ups bring work
             else:
                 trust_s = FRESH_TRUST_S if next_s is None else min(FRESH_TRUST_S, next_s)
@@ -802,7 +818,15 @@ class Deliverer:
             retiring = asyncio.create_task(lane.finish(grace_s))
             self._retiring.add(retiring)
             retiring.add_done_callback(self._retiring.discard)
+            # Its last attempts may leave deliveries pending again (a retry recorded over
+            # the "target removed" sweep): a lane of the same name, re-added since, reads.
+            retiring.add_done_callback(functools.partial(self._retired, name))
         return removed
+
+    def _retired(self, name: str, _finished: asyncio.Task[int]) -> None:
+        lane = self.lanes.get(name)
+        if lane is not None:
+            lane.wake()
 
     def accepted(self, event: NewEvent) -> None:
         """Ingress committed `event`: its deliveries are offered to their lanes."""
@@ -816,7 +840,7 @@ class Deliverer:
         for name in targets:
             lane = self.lanes.get(name)
             if lane is not None:
-                lane.wake()
+                lane.requeued()
 
     @property
     def in_flight(self) -> int:

@@ -16,7 +16,7 @@ from relay import delivery as delivery_module
 from relay import ids
 from relay.config import load
 from relay.delivery import Deliverer, open_deliverer
-from relay.journal import DueDelivery, Journal, NewDelivery, NewEvent, open_journal
+from relay.journal import DueDelivery, Journal, NewDelivery, NewEvent, Replay, open_journal
 from relay.metrics import Metrics
 from relay.netpolicy import NetworkPolicy
 from relay.tail import Tail
@@ -24,7 +24,7 @@ from relay.tail import Tail
 from conftest import Receiver, eventually, server_toml
 
 
-def new_event(n: int) -> NewEvent:
+def new_event(n: int, order_key: str | None = None) -> NewEvent:
     """An accepted event with one delivery to `svc`, as ingress builds it."""
     return NewEvent(
         id=ids.event_id(),
@@ -36,7 +36,7 @@ def new_event(n: int) -> NewEvent:
         headers=[("Content-Type", "application/json")],
         body=b'{"n": %d}' % n,
         routes=[{"name": "r", "matched": True, "error": None}],
-        deliveries=[NewDelivery(ids.delivery_id(), "r", "svc")],
+        deliveries=[NewDelivery(ids.delivery_id(), "r", "svc", order_key)],
     )
 
 
@@ -49,13 +49,14 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 @contextlib.asynccontextmanager
 async def delivering(
-    tmp_path: Path, url: str, journal: Journal, *, concurrency: int = 1
+    tmp_path: Path, url: str, journal: Journal, *, concurrency: int = 1, settings: str = ""
 ) -> AsyncIterator[Deliverer]:
     """The deliverer of a config with one route from `app` to `svc` at `url`."""
     config_path = tmp_path / "relay.toml"
     config_path.write_text(
         server_toml(tmp_path)
         + f'[sources.app]\n[targets.svc]\nurl = "{url}"\nconcurrency = {concurrency}\n'
+        + f"{settings}\n"
         + '[[routes]]\nname = "r"\nsource = "app"\ntargets = ["svc"]\n'
     )
     async with open_deliverer(journal, NetworkPolicy(), Tail(), Metrics()) as deliverer:
@@ -218,6 +219,64 @@ async def test_a_delivery_routed_before_a_reload_ordered_its_target_is_sent(
         deliverer.accepted(ordered)
         await eventually(lambda: len(receiver.requests) == 1)  # the queue was re-keyed
         stale = new_event(2)  # order_key None: routed under the old config
+        assert await journal.append(stale) is None
+        deliverer.accepted(stale)
+        await eventually(lambda: len(receiver.requests) == 2, timeout_s=5)
+
+
+@pytest.mark.parametrize(
+    ("died_with_key", "settings", "key_now"),
+    [("", "", None), (None, "ordered = true", ""), ("", 'order_key = "body.n"', "0")],
+    ids=["ordered-then-unordered", "unordered-then-ordered", "ordered-then-keyed"],
+)
+async def test_replayed_deliveries_keyed_under_another_ordering_are_sent(
+    tmp_path: Path,
+    receiver: Receiver,
+    died_with_key: str | None,
+    settings: str,
+    key_now: str | None,
+) -> None:
+    """Deliveries that died while the target had another ordering keep the order key of
+    their day; replayed after the target's ordering changed, they are re-keyed and sent
+    (found by review: an ordered lane never saw them, an unordered one hid one behind
+    another)."""
+    async with open_journal(tmp_path / "relay.db", "normal") as journal:
+        dead = [new_event(n, died_with_key) for n in (1, 2)]
+        for event in dead:
+            assert await journal.append(event) is None
+            first = event.deliveries[0]
+            assert await journal.expire(first.id, event.id, "HTTP 400", event.received_at_ms)
+        async with delivering(
+            tmp_path, receiver.url, journal, concurrency=2, settings=settings
+        ) as deliverer:
+            fresh = new_event(0, key_now)  # the lane is running and has read its queue
+            assert await journal.append(fresh) is None
+            deliverer.accepted(fresh)
+            await eventually(lambda: len(receiver.requests) == 1)
+            replayed = await journal.requeue(Replay(), {"svc"}, time.time_ns() // 1_000_000)
+            assert replayed is not None
+            assert replayed.requeued == 2
+            deliverer.notify(replayed.targets)  # as the admin API does after a replay
+            await eventually(lambda: len(receiver.requests) == 3)
+            sent = {r.headers["webhook-id"] for r in receiver.requests[1:]}
+            assert sent == {event.deliveries[0].id for event in dead}
+
+
+async def test_a_delivery_keyed_for_another_ordering_is_sent(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A delivery routed while the target had `order_key` (key "1") and committed after a
+    reload made it `ordered = true` is re-keyed into the one queue and sent (found by
+    review: the ordered lane only reads deliveries keyed for it)."""
+    async with (
+        open_journal(tmp_path / "relay.db", "normal") as journal,
+        delivering(tmp_path, receiver.url, journal, settings="ordered = true") as deliverer,
+    ):
+        keyed = new_event(1, "")
+        assert await journal.append(keyed) is None
+        deliverer.accepted(keyed)
+        await eventually(lambda: len(receiver.requests) == 1)  # the lane has read
+        stale = new_event(2, "1")
         assert await journal.append(stale) is None
         deliverer.accepted(stale)
         await eventually(lambda: len(receiver.requests) == 2, timeout_s=5)
