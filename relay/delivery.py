@@ -836,7 +836,8 @@ class Deliverer:
                 lane.offer(event, new)
 
     def notify(self, targets: Iterable[str]) -> None:
-        """New deliveries were committed for these targets."""
+        """Deliveries of these targets were made pending again (a replay): their lanes
+        re-key and read the journal. (Ingress hands new events over with `accepted`.)"""
         for name in targets:
             lane = self.lanes.get(name)
             if lane is not None:
