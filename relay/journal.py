@@ -451,8 +451,10 @@ def _record_attempts(conn: sqlite3.Connection, records: Sequence[AttemptRecord])
          for r in records],
     )  # fmt: skip
     conn.executemany(
-        "UPDATE deliveries SET status = ?, attempts = ?, next_at_ms = ?, last_error = ?"
-        " WHERE id = ?",
+        "UPDATE deliveries SET status = ?1, attempts = ?2, next_at_ms = ?3, last_error = ?4"
+        # A retry never revives a delivery made dead meanwhile (its target was removed
+        # while the attempt was in flight): no lane would send it again.
+        " WHERE id = ?5 AND (status = 'pending' OR ?1 != 'pending')",
         [(r.outcome, r.n, r.next_at_ms, _last_error(r), r.delivery_id) for r in records],
     )
     stamp = now_ms()

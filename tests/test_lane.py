@@ -280,3 +280,42 @@ async def test_a_delivery_keyed_for_another_ordering_is_sent(
         assert await journal.append(stale) is None
         deliverer.accepted(stale)
         await eventually(lambda: len(receiver.requests) == 2, timeout_s=5)
+
+
+async def test_a_retry_of_a_removed_target_does_not_revive_its_dead_delivery(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A reload removes the target while an attempt is in flight, and its pending
+    deliveries end dead ("target removed"). When the attempt then fails, its retry is
+    recorded as an attempt but does not make the delivery pending again: no lane would
+    ever send it (found by review)."""
+    answer = asyncio.Event()
+
+    async def failure() -> tuple[int, dict[str, str], bytes]:
+        await answer.wait()
+        return (500, {}, b"down")
+
+    receiver.script.append(failure)
+    async with (
+        open_journal(tmp_path / "relay.db", "normal") as journal,
+        delivering(tmp_path, receiver.url, journal) as deliverer,
+    ):
+        event = new_event(1)
+        assert await journal.append(event) is None
+        deliverer.accepted(event)
+        await eventually(lambda: receiver.current == 1)  # the attempt is in flight
+        config_path = tmp_path / "relay.toml"
+        config_path.write_text(
+            server_toml(tmp_path) + '[sources.app]\n[targets.other]\nurl = "log:"\n'
+        )
+        assert await deliverer.reconfigure(load(config_path), 5.0) == ["svc"]
+        assert len(await journal.kill_pending(target="svc", reason="target removed")) == 1
+        answer.set()
+
+        async def attempt_recorded() -> bool:
+            return await journal.fetch("SELECT status FROM attempts") == [(500,)]
+
+        await eventually(attempt_recorded)
+        assert await journal.fetch("SELECT status, last_error FROM deliveries") == [
+            ("dead", "target removed")
+        ]
