@@ -228,11 +228,11 @@ class Lane:
         if not self._reading and not self._keeping_up():
             self.wake()  # also re-times the max_age sweep of a paused lane with nothing waiting
             return
+        if new.id in self._held:  # already taken from the journal: never twice
+            return
         delivery = DueDelivery(new.id, event.id, new.route, new.target, 0, event.received_at_ms,
                                event.source, event.method, event.path, event.query,
                                list(event.headers), event.body)  # fmt: skip
-        if delivery.id in self._held:  # already taken from the journal: never twice
-            return
         if self._reading:  # the read may or may not see it: sorted out when it ends
             self._offered_meanwhile.append(delivery)
         else:
@@ -402,7 +402,7 @@ class Lane:
             await asyncio.wait_for(self._poke.wait(), wait_s)
         return False
 
-    async def _refill(self) -> bool:
+    async def _refill(self) -> None:
         """Load due deliveries; when none, wait for a wake-up or the next due time. While
         the lane keeps up, offers bring new work: wait for one, no read."""
         self._wake.clear()  # before the query: a wake-up during it is not lost
@@ -410,7 +410,7 @@ class Lane:
         if trust_s > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), None if math.isinf(trust_s) else trust_s)
-            return False
+            return
         missed = self._missed
         self._retry_cap = math.inf
         self._reading = not self.ordering
@@ -431,7 +431,7 @@ class Lane:
                 self._ready.append(delivery)
                 self._held.add(delivery.id)
         if len(rows) >= self._window:
-            return True  # maybe more behind them
+            return  # maybe more behind them
         next_ms = await self._journal.next_due_ms(
             self.target.name, self._held, ordering=self.ordering
         )
@@ -443,10 +443,9 @@ class Lane:
                 trust_s = FRESH_TRUST_S if next_s is None else min(FRESH_TRUST_S, next_s)
             self._fresh_until = min(time.monotonic() + trust_s, self._retry_cap)
         if self._ready:  # read, or offered during the read
-            return True
+            return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), next_s)
-        return False
 
     async def _attempt(
         self, worker: asyncio.Task[None], delivery: DueDelivery, started_s: float
@@ -465,7 +464,8 @@ class Lane:
                 self.pause.abandon(started_s=started_s)
                 await self._give_up(delivery, target, request_or_reason)
                 return
-            recording = await self._send_and_record(delivery, target, request_or_reason, started_s)
+            await self._send_and_record(delivery, target, request_or_reason, started_s)
+            recording = True
         finally:
             self._attempting.discard(worker)
             if not recording:
@@ -507,9 +507,9 @@ class Lane:
         target: TargetConfig,
         request: OutboundRequest,
         started_s: float,
-    ) -> bool:
-        """Send, decide, and hand the outcome to the journal; True once it is handed over
-        (`_recorded` then finishes the attempt when it is committed)."""
+    ) -> None:
+        """Send, decide, and hand the outcome to the journal (`_recorded` then finishes
+        the attempt when it is committed)."""
         attempt = delivery.attempts + 1
         started = time.perf_counter()
         self.in_flight += 1
@@ -563,7 +563,6 @@ class Lane:
         retry_in_s = (step.next_at_s or decided_at_s) - decided_at_s
         finished = Finished(delivery, target, attempt, result, step, elapsed_ms, retry_in_s)
         committed.add_done_callback(functools.partial(self._recorded, finished))
-        return True
 
     def _recorded(self, finished: Finished, committed: asyncio.Future[None]) -> None:
         """The attempt's outcome is committed (or the write failed): log it, let go of it."""
