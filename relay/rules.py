@@ -194,9 +194,12 @@ class RouteSet:
     def __init__(self, routes: Iterable[RouteConfig]) -> None:
         self.routes = tuple(routes)
         self._no_match = [RouteDecision(r.name, False, None) for r in self.routes]
-        self._no_match_records = [
-            {"name": r.name, "matched": False, "error": None} for r in self.routes
-        ]
+        self._match = [RouteDecision(r.name, True, None) for r in self.routes]
+        self._constant_records = [
+            ({"name": r.name, "matched": False, "error": None},
+             {"name": r.name, "matched": True, "error": None})
+            for r in self.routes
+        ]  # fmt: skip
         self._tables: dict[FieldPath, dict[str, list[int]]] = {}
         self._rest: dict[int, Any] = {}
         self._plain: list[int] = []
@@ -216,16 +219,15 @@ class RouteSet:
             value = _lookup(document, path)
             for index in table.get(value, ()) if isinstance(value, str) else ():
                 rest = self._rest.get(index)
-                route = self.routes[index]
                 decisions[index] = (
-                    RouteDecision(route.name, True, None)
+                    self._match[index]
                     if rest is None
-                    else _decide_one(route, rest, document)
+                    else _decide_one(self.routes[index], rest, document)
                 )
         for index in self._plain:
             route = self.routes[index]
             decisions[index] = (
-                RouteDecision(route.name, True, None)
+                self._match[index]
                 if route.filter is None
                 else _decide_one(route, route.filter.compiled, document)
             )
@@ -233,13 +235,16 @@ class RouteSet:
 
     def records(self, decisions: Sequence[RouteDecision]) -> list[dict[str, Any]]:
         """`decide`'s answer as the journal keeps it (`{"name", "matched", "error"}` each);
-        the routes that did not match share one constant record each, so 20 routes cost
-        one new dict per match (orjson writes dicts ~10x faster than slotted dataclasses)."""
+        a decision without an error is one of the set's constants, with a constant record,
+        so only a filter that failed costs a new dict (orjson writes dicts ~10x faster
+        than slotted dataclasses). Decisions and records are never changed in place."""
         return [
-            self._no_match_records[index]
-            if decision is self._no_match[index]
+            constant[decision.matched]
+            if decision is self._no_match[index] or decision is self._match[index]
             else {"name": decision.name, "matched": decision.matched, "error": decision.error}
-            for index, decision in enumerate(decisions)
+            for index, (decision, constant) in enumerate(
+                zip(decisions, self._constant_records, strict=True)
+            )
         ]
 
 
@@ -265,11 +270,26 @@ def header_key(name: str) -> str:
     return name.lower().replace("-", "_")
 
 
-def normalize_headers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+_header_keys: dict[str, str] = {}  # header_key of the names seen: they repeat every request
+MAX_HEADER_KEYS = 4096  # forgotten all at once beyond this: a sender cannot grow it for good
+
+
+def _cached_header_key(name: str) -> str:
+    if len(_header_keys) >= MAX_HEADER_KEYS:
+        _header_keys.clear()
+    key = _header_keys[name] = header_key(name)
+    return key
+
+
+def normalize_headers(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
     """Header pairs as the document's `headers`: keys via header_key, repeats joined by ", "."""
-    headers: dict[str, str] = {}
+    keys = _header_keys
+    headers = {keys.get(name) or _cached_header_key(name): value for name, value in pairs}
+    if len(headers) == len(pairs):  # the usual case: no header twice
+        return headers
+    headers.clear()
     for name, value in pairs:
-        key = name.lower().replace("-", "_")  # header_key, inlined: ~10 headers a webhook
+        key = header_key(name)
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
     return headers
 
@@ -295,12 +315,12 @@ def parse_body(content_type: str, body: bytes) -> Any:
     """The document's `body`: JSON, form fields as an object, else text. Raises BodyError."""
     kind = media_type(content_type)
     if kind == "application/json" or kind.endswith("+json"):  # is_json_type, parsed once
-        if not body.strip():
-            return None  # an empty body declared as JSON: no payload, not an error
         data = body.removeprefix(b"\xef\xbb\xbf")
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError as error:
+            if not body.strip():  # looked at only now: strip() copies the body
+                return None  # an empty body declared as JSON: no payload, not an error
             return _parse_json_slowly(data, error)
     text = body.decode("utf-8", errors="replace")
     if kind == "application/x-www-form-urlencoded":
@@ -362,15 +382,15 @@ def request_document(
     header_map = normalize_headers(headers)
     encoding = header_map.get("content_encoding")
     decoded = decode_body(encoding, body, max_body_bytes) if encoding else body
-    return event_document(
-        event_id=event_id,
-        source=source,
-        method=method,
-        path=path,
-        query=dict(urllib.parse.parse_qsl(query, keep_blank_values=True)) if query else {},
-        headers=header_map,
-        body=parse_body(header_map.get("content_type", ""), decoded),
-        received_at=rfc3339_ms(received_at_ms),
+    return _document(
+        source,
+        method,
+        path,
+        dict(urllib.parse.parse_qsl(query, keep_blank_values=True)) if query else {},
+        header_map,
+        parse_body(header_map.get("content_type", ""), decoded),
+        rfc3339_ms(received_at_ms),
+        event_id,
     )
 
 
@@ -386,12 +406,26 @@ def event_document(
     received_at: str,
 ) -> dict[str, Any]:
     """The input of every rule (SPEC §2.2)."""
+    return _document(source, method, path, dict(query), dict(headers), body, received_at, event_id)
+
+
+def _document(
+    source: str,
+    method: str,
+    path: str,
+    query: dict[str, str],
+    headers: dict[str, str],
+    body: Any,
+    received_at: str,
+    event_id: str,
+) -> dict[str, Any]:
+    """`event_document` of mappings that are the document's own (not copied again)."""
     return {
         "source": source,
         "method": method,
         "path": path,
-        "query": dict(query),
-        "headers": dict(headers),
+        "query": query,
+        "headers": headers,
         "body": body,
         "received_at": received_at,
         "id": event_id,

@@ -108,9 +108,22 @@ _HASHES = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha
 
 
 @functools.lru_cache(maxsize=256)
-def _keyed(key: bytes, algorithm: str) -> hmac.HMAC:
-    """An HMAC with `key` already absorbed: copying it skips the key set-up per message."""
-    return hmac.new(key, None, _HASHES[algorithm])
+def _keyed(key: bytes, algorithm: str) -> tuple[hashlib._Hash, hashlib._Hash]:
+    """HMAC's inner and outer hashes with `key` already absorbed (RFC 2104): copying
+    them skips the key set-up per message."""
+    new_hash = _HASHES[algorithm]
+    block_bytes = new_hash().block_size
+    if len(key) > block_bytes:
+        key = new_hash(key).digest()
+    key = key.ljust(block_bytes, b"\0")
+    return (
+        new_hash(key.translate(_INNER_PAD)),
+        new_hash(key.translate(_OUTER_PAD)),
+    )
+
+
+_INNER_PAD = bytes(x ^ 0x36 for x in range(256))
+_OUTER_PAD = bytes(x ^ 0x5C for x in range(256))
 
 
 def _mac(key: bytes, algorithm: str, *parts: bytes) -> bytes:
@@ -119,12 +132,17 @@ def _mac(key: bytes, algorithm: str, *parts: bytes) -> bytes:
     Built on hashlib's constructors rather than `hmac.digest`: the one-shot releases the
     GIL however small the body, which on the event loop thread hands the GIL to the
     journal's writer thread for a whole switch interval (about 100x slower under load).
-    Each key's HMAC is set up once and copied (measured in the daemon: -4 us a request).
+    Each key's inner and outer hashes are set up once and copied: an HMAC object's copy
+    and digest duplicate three OpenSSL contexts each, two plain hashes one each
+    (measured: 1.16 against 1.63 us for 1 KiB; 4.1 us in the daemon before).
     """
-    mac = _keyed(key, algorithm).copy()
+    inner, outer = _keyed(key, algorithm)
+    mac = inner.copy()
     for part in parts:
         mac.update(part)
-    return mac.digest()
+    result = outer.copy()
+    result.update(mac.digest())
+    return result.digest()
 
 
 def _matches(got: list[bytes], keys: Sequence[bytes], algorithm: str, *parts: bytes) -> bool:

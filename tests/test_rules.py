@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from relay import rules
 from relay.model import RouteConfig
 from relay.rules import (
     BodyError,
@@ -309,6 +310,21 @@ def test_repeated_headers_are_joined_with_comma_space() -> None:
         "accept": "application/json, text/plain",
         "x_forwarded_for": "203.0.113.7, 10.0.0.1, 10.0.0.2",
     }
+
+
+def test_names_that_differ_only_by_dash_or_underscore_are_joined() -> None:
+    """`X-Team` and `X_Team` make the same key: their values are joined, neither is lost."""
+    headers = normalize_headers([("X-Team", "a"), ("Host", "h"), ("X_Team", "b")])
+    assert headers == {"x_team": "a, b", "host": "h"}
+
+
+def test_many_distinct_header_names_do_not_grow_memory_for_good() -> None:
+    """The names' keys are remembered between requests, up to a bound: a sender inventing
+    new header names on every request cannot make relay keep them all."""
+    for batch in range(3 * rules.MAX_HEADER_KEYS // 50):
+        pairs = [(f"X-Invented-{batch}-{i}", "v") for i in range(50)]
+        assert normalize_headers(pairs) == {f"x_invented_{batch}_{i}": "v" for i in range(50)}
+    assert len(rules._header_keys) <= rules.MAX_HEADER_KEYS
 
 
 def test_header_values_are_kept_verbatim() -> None:

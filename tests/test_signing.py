@@ -756,6 +756,19 @@ def test_hmac_accepts_each_algorithm_encoding_and_prefix(
         assert verdict == Verdict(False, f"malformed X-Sig (expected prefix {prefix!r})", None)
 
 
+@pytest.mark.parametrize("algorithm", ["sha1", "sha256", "sha512"])
+@pytest.mark.parametrize("secret_chars", [1, 64, 65, 128, 129, 300])
+def test_hmac_accepts_secrets_of_any_length(algorithm: str, secret_chars: int) -> None:
+    """Secrets longer than the hash's block (64 bytes, 128 for SHA-512) are hashed first, as
+    RFC 2104 says; a signature made by Python's hmac module is accepted at every length."""
+    secret = "k" * secret_chars
+    digest = hmac.new(secret.encode(), BODY, algorithm).hexdigest()
+    config = verify_config("hmac", secret, header="X-Sig", algorithm=algorithm)
+    assert verify(config, CIMultiDict({"X-Sig": digest}), BODY, NOW).ok
+    other = verify_config("hmac", secret + "k", header="X-Sig", algorithm=algorithm)
+    assert not verify(other, CIMultiDict({"X-Sig": digest}), BODY, NOW).ok
+
+
 def test_hmac_hex_is_accepted_in_upper_case() -> None:
     """Hex is case-insensitive: a sender writing upper-case hex digits is accepted."""
     config = verify_config("hmac", SECRET, header="X-Sig")
