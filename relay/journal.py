@@ -278,15 +278,25 @@ class _Writer:
 
     def _transaction(self, fns: list[WriteFn]) -> list[Any]:
         conn = self._conn
-        appends = [fn.event for fn in fns if isinstance(fn, _Append) and fn.bulk]
-        records = [fn.record for fn in fns if isinstance(fn, _Record)]
+        appends: list[NewEvent] = []
+        records: list[AttemptRecord] = []
+        others = False  # writes that are not batched: each runs on its own, in order
+        for fn in fns:
+            if isinstance(fn, _Append) and fn.bulk:  # as `_batched` says
+                appends.append(fn.event)
+            elif isinstance(fn, _Record):
+                records.append(fn.record)
+            else:
+                others = True
         conn.execute("BEGIN IMMEDIATE")
         try:
             if appends:
                 _insert_events(conn, appends)
             if records:
                 _record_attempts(conn, records)
-            results = [None if _batched(fn) else fn(conn) for fn in fns]
+            results = (
+                [None if _batched(fn) else fn(conn) for fn in fns] if others else [None] * len(fns)
+            )
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):

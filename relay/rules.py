@@ -115,6 +115,8 @@ class RouteDecision:
     name: str
     matched: bool
     error: str | None
+    # The journal's record of a RouteSet's constant decisions, made once (see `records`).
+    record: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 def decide_routes(
@@ -193,13 +195,8 @@ class RouteSet:
 
     def __init__(self, routes: Iterable[RouteConfig]) -> None:
         self.routes = tuple(routes)
-        self._no_match = [RouteDecision(r.name, False, None) for r in self.routes]
-        self._match = [RouteDecision(r.name, True, None) for r in self.routes]
-        self._constant_records = [
-            ({"name": r.name, "matched": False, "error": None},
-             {"name": r.name, "matched": True, "error": None})
-            for r in self.routes
-        ]  # fmt: skip
+        self._no_match = [_constant(r.name, False) for r in self.routes]
+        self._match = [_constant(r.name, True) for r in self.routes]
         self._tables: dict[FieldPath, dict[str, list[int]]] = {}
         self._rest: dict[int, Any] = {}
         self._plain: list[int] = []
@@ -234,18 +231,20 @@ class RouteSet:
         return decisions
 
     def records(self, decisions: Sequence[RouteDecision]) -> list[dict[str, Any]]:
-        """`decide`'s answer as the journal keeps it (`{"name", "matched", "error"}` each);
-        a decision without an error is one of the set's constants, with a constant record,
-        so only a filter that failed costs a new dict (orjson writes dicts ~10x faster
-        than slotted dataclasses). Decisions and records are never changed in place."""
+        """`decide`'s answer as the journal keeps it (`{"name", "matched", "error"}` each).
+        The set's constant decisions (a dispatch-table match, a route without filter, no
+        match) bring their record along, so the usual event costs no new dict (orjson
+        writes dicts ~10x faster than slotted dataclasses). Never changed in place."""
         return [
-            constant[decision.matched]
-            if decision is self._no_match[index] or decision is self._match[index]
-            else {"name": decision.name, "matched": decision.matched, "error": decision.error}
-            for index, (decision, constant) in enumerate(
-                zip(decisions, self._constant_records, strict=True)
-            )
+            decision.record
+            or {"name": decision.name, "matched": decision.matched, "error": decision.error}
+            for decision in decisions
         ]
+
+
+def _constant(name: str, matched: bool) -> RouteDecision:
+    """A decision without an error, with its record: RouteSet shares one of each per route."""
+    return RouteDecision(name, matched, None, {"name": name, "matched": matched, "error": None})
 
 
 def order_key(target: TargetConfig, document: Mapping[str, Any]) -> str | None:
