@@ -271,12 +271,15 @@ def header_key(name: str) -> str:
 
 _header_keys: dict[str, str] = {}  # header_key of the names seen: they repeat every request
 MAX_HEADER_KEYS = 4096  # forgotten all at once beyond this: a sender cannot grow it for good
+MAX_CACHED_NAME_CHARS = 64  # longer names are keyed every time (at most ~0.5 MiB kept)
 
 
 def _cached_header_key(name: str) -> str:
-    if len(_header_keys) >= MAX_HEADER_KEYS:
-        _header_keys.clear()
-    key = _header_keys[name] = header_key(name)
+    key = header_key(name)
+    if len(name) <= MAX_CACHED_NAME_CHARS:
+        if len(_header_keys) >= MAX_HEADER_KEYS:
+            _header_keys.clear()
+        _header_keys[name] = key
     return key
 
 
