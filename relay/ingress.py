@@ -42,7 +42,6 @@ from relay.tail import Subscription, Tail
 log = logs.get_logger()
 
 JSON_TYPE = "application/json; charset=utf-8"
-_JSON_HEADERS = {"Content-Type": JSON_TYPE}
 
 READ_CHUNK_BYTES = 64 * 1024
 JOURNAL_RETRY_AFTER_S = 5
@@ -105,11 +104,14 @@ class Rejected(Exception):
 
 
 def _json(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> web.Response:
-    # The header given whole: aiohttp's content_type= parses and rebuilds it on every call.
+    # The headers given whole: aiohttp's content_type= parses and rebuilds the type on
+    # every call, and without a Content-Length it asks whether the body is a Payload
+    # (an isinstance check against an ABC, which runs in Python).
+    body = orjson.dumps(payload)
     return web.Response(
         status=status,
-        body=orjson.dumps(payload),
-        headers={**headers, "Content-Type": JSON_TYPE} if headers else _JSON_HEADERS,
+        body=body,
+        headers={**(headers or {}), "Content-Type": JSON_TYPE, "Content-Length": str(len(body))},
     )
 
 
@@ -280,7 +282,10 @@ class Inbound:
         self, event: NewEvent, source: SourceConfig, received_at: str, started: float
     ) -> web.StreamResponse:
         """Commit the event, then tell the lanes, the tail, the log and the sender."""
-        original = await self._append(event)
+        try:
+            original = await self._journal.append(event)
+        except JournalError as error:
+            raise _journal_failed(event, error) from None
         if original is not None:
             log.info(
                 "event.duplicate",
@@ -319,17 +324,13 @@ class Inbound:
             ms=round((time.perf_counter() - started) * 1000, 3),
         )
 
-    async def _append(self, event: NewEvent) -> str | None:
-        """Commit the event; the original's id when it is a duplicate. 503 when the disk fails."""
-        try:
-            return await self._journal.append(event)
-        except JournalError as error:
-            log.error("journal.write_failed", error=str(error), event_id=event.id)
-            raise Rejected(
-                503,
-                "journal unavailable, try again later",
-                {"Retry-After": str(JOURNAL_RETRY_AFTER_S)},
-            ) from None
+
+def _journal_failed(event: NewEvent, error: JournalError) -> Rejected:
+    """The 503 for an event the journal could not take (the disk failed), logged."""
+    log.error("journal.write_failed", error=str(error), event_id=event.id)
+    return Rejected(
+        503, "journal unavailable, try again later", {"Retry-After": str(JOURNAL_RETRY_AFTER_S)}
+    )
 
 
 def text_safe(text: str) -> str:
