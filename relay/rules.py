@@ -360,15 +360,20 @@ def decode_body(content_encoding: str, body: bytes, max_bytes: int) -> bytes:
 
 
 _second: tuple[int, str] = (-1, "")
+_millisecond: tuple[int, str] = (-1, "")
 
 
 def rfc3339_ms(ms: int) -> str:
     """Unix milliseconds as `2026-11-28T19:00:00.123Z`."""
-    global _second
+    global _second, _millisecond
+    if _millisecond[0] == ms:  # under load, events arrive several to a millisecond
+        return _millisecond[1]
     seconds = ms // 1000
     if _second[0] != seconds:  # many events share a second: format it once
         _second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
-    return f"{_second[1]}.{ms % 1000:03d}Z"
+    text = f"{_second[1]}.{ms % 1000:03d}Z"
+    _millisecond = (ms, text)
+    return text
 
 
 def request_document(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -485,3 +486,12 @@ def test_event_document_does_not_share_query_and_headers_with_the_caller() -> No
     headers["x_github_event"] = "ping"
     assert document["query"] == {"k": "v"}
     assert document["headers"] == {"x_github_event": "push"}
+
+
+def test_received_at_is_rfc3339_utc_with_milliseconds_in_any_order() -> None:
+    """`received_at` is the arrival time in UTC to the millisecond, whatever order times
+    come in (repeats, later, earlier, across seconds): each formatted as the clock says."""
+    base_ms = 1_764_374_399_998  # 2025-11-28T23:59:59.998Z
+    for ms in [base_ms, base_ms, base_ms + 1, base_ms + 2, base_ms + 2, base_ms - 5, base_ms]:
+        expected = datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+        assert rules.rfc3339_ms(ms) == expected.replace("+00:00", "Z")
