@@ -27,10 +27,12 @@ from relay.delivery import Deliverer, open_deliverer
 from relay.ingress import (
     Health,
     Inbound,
+    InboundListener,
     Listener,
     Routing,
     admin_handler,
     listen,
+    listen_inbound,
     make_ssl_context,
 )
 from relay.journal import Journal, JournalError, open_journal
@@ -56,7 +58,7 @@ class Running:
     config: Config
     journal: Journal
     deliverer: Deliverer
-    inbound: Listener
+    inbound: InboundListener
     admin: Listener
     health: Health
     metrics: Metrics
@@ -99,14 +101,14 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -
             if server.tls_cert and server.tls_key
             else None
         )
-        inbound = await listen(
+        inbound = await listen_inbound(
             inbound_handler,
             server.listen,
             idle_timeout_s=server.idle_timeout_s,
             shutdown_timeout_s=server.read_timeout_s,
             ssl_context=ssl_context,
         )
-        stack.push_async_callback(inbound.runner.cleanup)
+        stack.push_async_callback(inbound.close)
         deliverer.start(config)
         running = Running(config, journal, deliverer, inbound, admin, health, metrics)
         await _sweep_removed(journal, config)
@@ -153,7 +155,7 @@ async def shutdown(running: Running) -> None:
         pending=await _pending(running.journal),
         in_flight=running.deliverer.in_flight,
     )
-    await running.inbound.runner.cleanup()  # no new webhooks; requests under way finish
+    await running.inbound.close()  # no new webhooks; requests under way finish
     cut = await running.deliverer.stop(running.config.server.shutdown_grace_s)
     if cut:
         log.warning("relay.grace_exceeded", cancelled=cut, note="left pending in the journal")

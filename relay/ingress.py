@@ -1,14 +1,14 @@
 """Ingress: the HTTP listeners, and the per-request pipeline of an inbound webhook.
 
-This module is the only one that imports `aiohttp.web`. It owns the inbound
-listener (SPEC §3): route by path and method, `allow_from`, the declared and
-the actual body size, the body's `read_timeout`, parsing for the rules, route
-decisions, the journal append (the reply is sent only after the commit) and
-the reply; and the admin listener (SPEC §6): `/healthz`, `/readyz`, `/metrics`,
-and the HTTP side of the admin API (`relay.admin` answers; `/api/tail` is streamed
-here as Server-Sent Events). It never speaks SQL: it hands a `NewEvent` to the
-journal. Bad input of any kind gets a 4xx with a one-line reason and an
-`event.rejected` log line.
+This module is the only one that imports `aiohttp.web` (for the admin listener). It
+owns the inbound pipeline (SPEC §3; the connections and their framing are
+`relay.http1server`'s): route by path and method, `allow_from`, the declared and the
+actual body size, the body's `read_timeout`, parsing for the rules, route decisions,
+the journal append (the reply is sent only after the commit) and the reply; and the
+admin listener (SPEC §6): `/healthz`, `/readyz`, `/metrics`, and the HTTP side of the
+admin API (`relay.admin` answers; `/api/tail` is streamed here as Server-Sent Events).
+It never speaks SQL: it hands a `NewEvent` to the journal. Bad input of any kind gets
+a 4xx with a one-line reason and an `event.rejected` log line.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from aiohttp import web
 from aiohttp.web_exceptions import HTTPException
 from aiohttp.web_protocol import RequestPayloadError
 
-from relay import ids, logs
+from relay import http1server, ids, logs
 from relay.admin import AdminApi, RequestCounter, RequestOutcome
+from relay.http1server import Refused, Request, Response
 from relay.journal import Journal, JournalError, NewDelivery, NewEvent
 from relay.metrics import Metrics
 from relay.model import Address, Config, Rate, SourceConfig
@@ -45,7 +46,7 @@ JSON_TYPE = "application/json; charset=utf-8"
 
 READ_CHUNK_BYTES = 64 * 1024
 JOURNAL_RETRY_AFTER_S = 5
-MAX_HEADERS = 100
+MAX_HEADERS = 100  # the admin listener's limits (the inbound one's are http1server's)
 MAX_FIELD_BYTES = 8190
 LINGER_S = 1.0
 
@@ -103,7 +104,17 @@ class Rejected(Exception):
         self.public = public or reason
 
 
+def _reply(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> Response:
+    """A JSON reply on the inbound listener."""
+    pairs = [*headers.items(), ("Content-Type", JSON_TYPE)] if headers else _JSON_HEADERS
+    return Response(status, orjson.dumps(payload), pairs)
+
+
+_JSON_HEADERS = (("Content-Type", JSON_TYPE),)
+
+
 def _json(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> web.Response:
+    """A JSON reply on the admin listener."""
     # The headers given whole: aiohttp's content_type= parses and rebuilds the type on
     # every call, and without a Content-Length it asks whether the body is a Payload
     # (an isinstance check against an ABC, which runs in Python).
@@ -152,7 +163,7 @@ class Inbound:
                 {"Retry-After": retry_after_header(wait_s)},
             )
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: Request) -> Response:
         started = time.perf_counter()
         routing = self.routing  # one config for the whole request, even across a reload
         source = routing.by_path.get(request.path)
@@ -167,8 +178,8 @@ class Inbound:
         return response
 
     def _reject(
-        self, request: web.BaseRequest, source: SourceConfig | None, rejected: Rejected
-    ) -> web.StreamResponse:
+        self, request: Request, source: SourceConfig | None, rejected: Rejected
+    ) -> Response:
         self._count(source, "rejected")
         log.info(
             "event.rejected",
@@ -178,10 +189,25 @@ class Inbound:
             remote=request.remote,
             path=request.path,
         )
-        response = _json(rejected.status, {"error": rejected.public}, rejected.headers)
-        if rejected.status in (408, 413):
-            response.force_close()  # the rest of the body is not worth reading
+        response = _reply(rejected.status, {"error": rejected.public}, rejected.headers)
+        response.close = rejected.status in (408, 413)  # the rest of the body is not worth reading
         return response
+
+    def refused(self, remote: str | None, refused: Refused) -> Response:
+        """The reply to a request the connection refused before any source saw it (a
+        malformed or oversized head), logged like any rejection."""
+        log.info(
+            "event.rejected",
+            source=None,
+            status=refused.status,
+            reason=refused.reason,
+            remote=remote,
+            path=None,
+        )
+        if self._metrics is not None:
+            self._metrics.count_request("", refused.status)
+        public = refused.reason if refused.status < 500 else "internal error"
+        return _reply(refused.status, {"error": public})
 
     def _count(self, source: SourceConfig | None, outcome: RequestOutcome) -> None:
         if source is None:
@@ -192,8 +218,8 @@ class Inbound:
             self._metrics.count_event(source.name, outcome)
 
     async def _accept(
-        self, request: web.BaseRequest, routing: Routing, source: SourceConfig, started: float
-    ) -> web.StreamResponse:
+        self, request: Request, routing: Routing, source: SourceConfig, started: float
+    ) -> Response:
         handshake = source.challenge == "meta" and request.method == "GET"
         if not handshake:
             check_method(request, source)  # SPEC §3 order: 405, 403, 429, 413, ...
@@ -230,7 +256,7 @@ class Inbound:
         if source.challenge == "slack" and is_slack_challenge(document):
             log.info("event.handshake", source=source.name, provider="slack")
             self._count(source, "handshake")
-            return _json(200, {"challenge": document["body"]["challenge"]})
+            return _reply(200, {"challenge": document["body"]["challenge"]})
         key = dedupe_key(source, verdict, document) if source.dedupe is not None else None
         event = self._event(routing, source, request, received_ms, headers, body, document, key)
         return await self._journal_event(event, source, document["received_at"], started)
@@ -239,7 +265,7 @@ class Inbound:
         self,
         routing: Routing,
         source: SourceConfig,
-        request: web.BaseRequest,
+        request: Request,
         received_ms: int,
         headers: list[tuple[str, str]],
         body: bytes,
@@ -280,7 +306,7 @@ class Inbound:
 
     async def _journal_event(
         self, event: NewEvent, source: SourceConfig, received_at: str, started: float
-    ) -> web.StreamResponse:
+    ) -> Response:
         """Commit the event, then tell the lanes, the tail, the log and the sender."""
         try:
             original = await self._journal.append(event)
@@ -294,14 +320,14 @@ class Inbound:
                 dedupe_key=event.dedupe_key,
             )
             self._count(source, "duplicate")
-            return _json(200, {"id": original, "duplicate": True})
+            return _reply(200, {"id": original, "duplicate": True})
         deliveries = event.deliveries
         if deliveries:
             self._on_accepted(event)
         if self._tail.listened or log.info_enabled:
             self._tell_accepted(event, source, received_at, started)
         self._count(source, "accepted")
-        return _json(source.ack_status, {"id": event.id, "deliveries": len(deliveries)})
+        return _reply(source.ack_status, {"id": event.id, "deliveries": len(deliveries)})
 
     def _tell_accepted(
         self, event: NewEvent, source: SourceConfig, received_at: str, started: float
@@ -334,7 +360,7 @@ def _journal_failed(event: NewEvent, error: JournalError) -> Rejected:
 
 
 def text_safe(text: str) -> str:
-    """`text` as storable UTF-8: bytes that were not UTF-8 (kept by aiohttp as surrogates)
+    """`text` as storable UTF-8: bytes that were not UTF-8 (kept by the parser as surrogates)
     become U+FFFD, so that a Latin-1 header value cannot break the journal write."""
     if text.isascii():
         return text
@@ -342,7 +368,7 @@ def text_safe(text: str) -> str:
 
 
 def check_signature(
-    request: web.BaseRequest, source: SourceConfig, body: bytes, now_s: float
+    request: Request, source: SourceConfig, body: bytes, now_s: float
 ) -> Verdict | None:
     """401 unless the request carries the source's signature (None: the source has no verify)."""
     if source.verify is None:
@@ -386,7 +412,7 @@ def is_slack_challenge(document: Mapping[str, Any]) -> bool:
     )
 
 
-def meta_handshake(request: web.BaseRequest, source: SourceConfig) -> web.StreamResponse:
+def meta_handshake(request: Request, source: SourceConfig) -> Response:
     """Meta's subscription GET: echo hub.challenge when hub.verify_token is the source secret."""
     query = request.query
     token = query.get("hub.verify_token", "").encode("utf-8", "surrogateescape")
@@ -395,16 +421,17 @@ def meta_handshake(request: web.BaseRequest, source: SourceConfig) -> web.Stream
     if query.get("hub.mode") != "subscribe" or not known or "hub.challenge" not in query:
         raise Rejected(403, "meta handshake: wrong mode or verify_token", public="forbidden")
     log.info("event.handshake", source=source.name, provider="meta")
-    return web.Response(status=200, text=query["hub.challenge"], content_type="text/plain")
+    challenge = query["hub.challenge"].encode("utf-8", "surrogateescape")
+    return Response(200, challenge, (("Content-Type", "text/plain; charset=utf-8"),))
 
 
-def check_peer(request: web.BaseRequest, source: SourceConfig) -> None:
+def check_peer(request: Request, source: SourceConfig) -> None:
     """403 unless the peer address is in the source's `allow_from` (when it has one)."""
     if source.allow_from and not _peer_allowed(request.remote, source):
         raise Rejected(403, "source address not allowed")
 
 
-def check_method(request: web.BaseRequest, source: SourceConfig) -> None:
+def check_method(request: Request, source: SourceConfig) -> None:
     """405 (with Allow) for a method the source does not take."""
     if request.method not in source.methods:
         raise Rejected(
@@ -414,7 +441,7 @@ def check_method(request: web.BaseRequest, source: SourceConfig) -> None:
         )
 
 
-def check_length(request: web.BaseRequest, source: SourceConfig) -> None:
+def check_length(request: Request, source: SourceConfig) -> None:
     """413 for a declared length over max_body, before any of the body is read."""
     declared = request.content_length
     if declared is not None and declared > source.max_body_bytes:
@@ -429,7 +456,33 @@ def _peer_allowed(remote: str | None, source: SourceConfig) -> bool:
     return any(peer in network for network in source.allow_from)
 
 
-async def read_body(request: web.BaseRequest, max_body_bytes: int, timeout_s: float) -> bytes:
+async def read_body(request: Request, max_body_bytes: int, timeout_s: float) -> bytes:
+    """The whole body within `timeout_s` (408) and `max_body_bytes` (413)."""
+    body = request.body
+    if body.complete:  # the usual small webhook: it all came with the head
+        data = body.take()
+        if len(data) > max_body_bytes:
+            raise Rejected(413, f"body exceeds max_body {max_body_bytes} bytes")
+        return data
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while chunk := await body.read():
+                size += len(chunk)
+                if size > max_body_bytes:
+                    raise Rejected(413, f"body exceeds max_body {max_body_bytes} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise Rejected(408, f"body not received within read_timeout {timeout_s:g}s") from None
+    except ConnectionError as error:
+        raise Rejected(400, f"could not read body: {error}") from None
+    return b"".join(chunks)
+
+
+async def _read_admin_body(
+    request: web.BaseRequest, max_body_bytes: int, timeout_s: float
+) -> bytes:
     """The whole body within `timeout_s` (408) and `max_body_bytes` (413)."""
     content = request.content
     if content.is_eof():  # the usual small webhook: it all came with the headers
@@ -506,7 +559,7 @@ async def _admin_api(api: AdminApi, request: web.BaseRequest) -> web.StreamRespo
     body = b""
     if request.method not in ("GET", "HEAD"):
         try:
-            body = await read_body(request, ADMIN_BODY_BYTES, ADMIN_READ_TIMEOUT_S)
+            body = await _read_admin_body(request, ADMIN_BODY_BYTES, ADMIN_READ_TIMEOUT_S)
         except Rejected as rejected:
             return _json(rejected.status, {"error": rejected.public})
     try:
@@ -553,8 +606,35 @@ def _not_ready_reason(health: Health) -> str:
 
 
 @dataclass
+class InboundListener:
+    """The running inbound listener, and the address it actually bound."""
+
+    server: http1server.Server
+    address: Address
+    shutdown_timeout_s: float
+
+    async def close(self) -> None:
+        """Stop accepting; requests under way get `shutdown_timeout_s` to finish."""
+        await self.server.close(self.shutdown_timeout_s)
+
+
+async def listen_inbound(
+    inbound: Inbound,
+    address: Address,
+    *,
+    idle_timeout_s: float,
+    shutdown_timeout_s: float,
+    ssl_context: ssl.SSLContext | None = None,
+) -> InboundListener:
+    """Start taking webhooks on `address`; `idle_timeout_s` bounds keep-alive and heads."""
+    server = http1server.Server(inbound, inbound.refused, idle_timeout_s=idle_timeout_s)
+    host, port = await server.start(address.host, address.port, ssl_context)
+    return InboundListener(server, Address(host, port), shutdown_timeout_s)
+
+
+@dataclass
 class Listener:
-    """A running listener: its runner, and the address it actually bound."""
+    """A running listener (the admin one): its runner, and the address it actually bound."""
 
     runner: web.ServerRunner
     address: Address
