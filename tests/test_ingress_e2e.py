@@ -184,6 +184,37 @@ async def test_bad_inputs_leave_the_daemon_ready(tmp_path: Path, daemons: Daemon
     assert await daemon.ready() == 200
 
 
+async def test_a_malformed_head_gets_a_reason_and_a_log_line(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """A request the HTTP layer refuses (garbage, too many headers) gets a JSON 4xx with a
+    one-line reason and an `event.rejected` line, like every other bad input."""
+    daemon = await daemons(demo_config(tmp_path))
+    answer = await raw_exchange(daemon, b"NOT HTTP AT ALL\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"Connection: close" in head
+    reason = orjson.loads(body)["error"]
+    assert reason.startswith("malformed request")
+    assert "\n" not in reason
+    logged = await daemon.wait_log("event.rejected", status=400)
+    assert logged is not None
+    assert (logged["reason"], logged["remote"]) == (reason, "127.0.0.1")
+    answer = await raw_exchange(
+        daemon, b"POST /hooks/app HTTP/1.1\r\n" + b"X-Pad: y\r\n" * 300 + b"\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert await daemon.wait_log("event.rejected", status=431, reason="more than 100 headers")
+
+
+async def test_the_query_string_is_journaled_raw(tmp_path: Path, daemons: DaemonFactory) -> None:
+    """The journal keeps the query string as sent, `+` and escapes intact."""
+    daemon = await daemons(demo_config(tmp_path))
+    status, _, _ = await daemon.post("/hooks/app?a=x%26b+c&d=1", b"{}")
+    assert status == 202
+    assert daemon.query("SELECT query FROM events") == [("a=x%26b+c&d=1",)]
+
+
 async def test_journal_failure_is_a_503_and_not_ready_until_it_recovers(
     tmp_path: Path, daemons: DaemonFactory
 ) -> None:

@@ -1,0 +1,386 @@
+"""relay's inbound HTTP/1.1 server against raw sockets on 127.0.0.1.
+
+Each test starts a real `http1server.Server` with a small handler and talks to it with
+the exact bytes a sender could put on the wire: framing, limits, pipelining, slow and
+vanishing senders, and shutdown are what a real socket delivers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+import pytest
+
+from relay.http1server import (
+    MAX_HEAD_BYTES,
+    Refused,
+    Request,
+    Response,
+    Server,
+)
+
+from conftest import eventually
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Harness:
+    """A running server; what its handler saw; what it refused."""
+
+    def __init__(self) -> None:
+        self.seen: list[Request] = []
+        self.bodies: list[bytes] = []
+        self.refused: list[Refused] = []
+        self.server: Server | None = None
+        self.port = 0
+
+    async def start(self, handler: Handler | None = None, idle_timeout_s: float = 5.0) -> None:
+        self.server = Server(handler or self.echo, self.on_refused, idle_timeout_s=idle_timeout_s)
+        _, self.port = await self.server.start("127.0.0.1", 0)
+
+    def on_refused(self, remote: str | None, refused: Refused) -> Response:
+        self.refused.append(refused)
+        return Response(refused.status, orjson.dumps({"error": refused.reason}))
+
+    async def echo(self, request: Request) -> Response:
+        """Reads the whole body and answers 202 with what it received."""
+        self.seen.append(request)
+        body = request.body.take() if request.body.complete else await read_all(request)
+        self.bodies.append(body)
+        reply = {"path": request.path, "query": request.query_string, "bytes": len(body)}
+        return Response(202, orjson.dumps(reply), (("Content-Type", "application/json"),))
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+
+async def read_all(request: Request) -> bytes:
+    chunks = []
+    while chunk := await request.body.read():
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    running = Harness()
+    yield running
+    if running.server is not None:
+        await running.server.close(1.0)
+
+
+async def read_reply(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One reply: status, headers (lower-cased names), body (by Content-Length)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    body = await asyncio.wait_for(reader.readexactly(length), 5) if length else b""
+    return status, headers, body
+
+
+async def closed(reader: asyncio.StreamReader) -> bool:
+    """True once the server has closed the connection (EOF or reset)."""
+    try:
+        return await asyncio.wait_for(reader.read(65536), 5) == b""
+    except ConnectionError:
+        return True
+
+
+def post(path: str, body: bytes, *extra: str) -> bytes:
+    head = [f"POST {path} HTTP/1.1", "Host: relay", f"Content-Length: {len(body)}", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def test_keep_alive_serves_requests_one_after_another(harness: Harness) -> None:
+    """Two requests on one connection are both answered, and the connection stays open."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    for n in range(2):
+        writer.write(post("/hooks/a", b'{"n": %d}' % n))
+        status, headers, body = await read_reply(reader)
+        assert status == 202
+        assert "connection" not in headers
+        assert orjson.loads(body)["bytes"] == 8
+        assert "date" in headers
+    writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(harness: Harness) -> None:
+    """Requests sent together are answered in the order sent, even when the first is slower."""
+    order: list[str] = []
+
+    async def slow_first(request: Request) -> Response:
+        if request.path == "/first":
+            await asyncio.sleep(0.05)  # the handler's own work, not a wait for the test
+        order.append(request.path)
+        return Response(200, request.path.encode())
+
+    await harness.start(slow_first)
+    reader, writer = await harness.connect()
+    writer.write(post("/first", b"1") + post("/second", b"2") + post("/third", b"3"))
+    bodies = [(await read_reply(reader))[2] for _ in range(3)]
+    assert bodies == [b"/first", b"/second", b"/third"]
+    assert order == ["/first", "/second", "/third"]
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "reason"),
+    [
+        (post("/a", b"{}", *(f"X-H{n}: v" for n in range(101))), 431, "more than 100 headers"),
+        (post("/a", b"{}", "X-Big: " + "y" * 9000), 431, "a header over 8190 bytes"),
+        (post("/" + "p" * 9000, b"{}"), 414, "request target over 8190 bytes"),
+        (b"NOT A REQUEST\r\n\r\n", 400, "malformed request"),
+        (b"POST /a HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", 400, ""),
+        (
+            b"POST /a HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+            "",
+        ),
+    ],
+    ids=["headers", "field", "target", "garbage", "two-lengths", "length-and-chunked"],
+)
+async def test_a_request_the_parser_refuses_gets_a_4xx_and_the_connection_closes(
+    harness: Harness, request_bytes: bytes, status: int, reason: str
+) -> None:
+    """Over a limit or malformed (smuggling shapes included): a 4xx with a one-line JSON
+    reason, handed to `on_refused` for the log; the handler never sees it; then closed."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(request_bytes)
+    got_status, headers, body = await read_reply(reader)
+    assert got_status == status
+    assert headers["connection"] == "close"
+    assert reason in orjson.loads(body)["error"]
+    assert "\n" not in orjson.loads(body)["error"]
+    assert [r.status for r in harness.refused] == [status]
+    assert harness.seen == []
+    assert await closed(reader)
+
+
+async def test_a_head_over_the_limit_in_small_packets_is_refused(harness: Harness) -> None:
+    """A head that keeps growing packet by packet is refused once past MAX_HEAD_BYTES."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(b"POST /a HTTP/1.1\r\n")
+    sent = 0
+    while sent <= MAX_HEAD_BYTES and not reader.at_eof():
+        line = b"X-Pad-%d: %s\r\n" % (sent, b"v" * 1000)
+        writer.write(line)
+        await writer.drain()
+        sent += len(line)
+        if len(harness.refused):
+            break
+    await eventually(lambda: harness.refused)
+    assert harness.refused[0].status in (431,)
+    assert harness.seen == []
+    writer.close()
+
+
+async def test_a_head_that_never_completes_is_closed_after_the_idle_timeout(
+    harness: Harness,
+) -> None:
+    """A sender that starts a head and goes silent is disconnected after idle_timeout_s."""
+    await harness.start(idle_timeout_s=0.2)
+    reader, writer = await harness.connect()
+    writer.write(b"POST /a HTTP/1.1\r\nHost: relay\r\n")
+    assert await closed(reader)
+    assert harness.seen == []
+
+
+async def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout(
+    harness: Harness,
+) -> None:
+    """After its reply, a connection that sends nothing more is closed after idle_timeout_s."""
+    await harness.start(idle_timeout_s=0.2)
+    reader, writer = await harness.connect()
+    writer.write(post("/a", b"{}"))
+    assert (await read_reply(reader))[0] == 202
+    assert await closed(reader)
+
+
+async def test_a_chunked_body_reaches_the_handler_whole(harness: Harness) -> None:
+    """Transfer-Encoding: chunked is decoded; the handler gets the body's bytes."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(
+        b"POST /a HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'4\r\n{"a"\r\n3;ext=1\r\n: 1\r\n1\r\n}\r\n0\r\n\r\n'
+    )
+    status, _, _ = await read_reply(reader)
+    assert status == 202
+    assert harness.bodies == [b'{"a": 1}']
+    assert harness.seen[0].content_length is None
+    writer.close()
+
+
+async def test_a_body_arriving_slowly_is_read_as_it_comes(harness: Harness) -> None:
+    """The handler starts with the head; the body's parts reach it as they arrive."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(b"POST /a HTTP/1.1\r\nHost: relay\r\nContent-Length: 6\r\n\r\nabc")
+    await eventually(lambda: harness.seen)
+    assert not harness.seen[0].body.complete
+    writer.write(b"def")
+    assert (await read_reply(reader))[0] == 202
+    assert harness.bodies == [b"abcdef"]
+    writer.close()
+
+
+async def test_expect_100_continue_is_answered_before_the_body(harness: Harness) -> None:
+    """A sender that waits for `100 Continue` gets it when the handler reads the body."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(
+        b"POST /a HTTP/1.1\r\nHost: relay\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    )
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"{}")
+    assert (await read_reply(reader))[0] == 202
+    assert harness.bodies == [b"{}"]
+    writer.close()
+
+
+async def test_a_reply_before_the_body_ends_closes_the_connection(harness: Harness) -> None:
+    """A handler that answers without reading the body (a 404, a 413): `Connection: close`,
+    the rest of the body is dropped, and the connection ends."""
+
+    async def early(request: Request) -> Response:
+        harness.seen.append(request)
+        return Response(404, b'{"error": "no source"}')
+
+    await harness.start(early)
+    reader, writer = await harness.connect()
+    writer.write(b"POST /nowhere HTTP/1.1\r\nHost: relay\r\nContent-Length: 100000\r\n\r\nxx")
+    status, headers, _ = await read_reply(reader)
+    assert status == 404
+    assert headers["connection"] == "close"
+    writer.write(b"y" * 100)  # the sender goes on for a while; it is read and dropped
+    assert await closed(reader)
+
+
+async def test_http_1_0_and_connection_close_end_the_connection(harness: Harness) -> None:
+    """HTTP/1.0 without keep-alive, or `Connection: close`: answered, then closed."""
+    await harness.start()
+    for request in (
+        b"POST /a HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}",
+        post("/a", b"{}", "Connection: close"),
+    ):
+        reader, writer = await harness.connect()
+        writer.write(request)
+        status, headers, _ = await read_reply(reader)
+        assert (status, headers["connection"]) == (202, "close")
+        assert await closed(reader)
+        writer.close()
+
+
+async def test_head_replies_carry_no_body(harness: Harness) -> None:
+    """A HEAD request's reply has its Content-Length but no body; the next reply follows."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(b"HEAD /a HTTP/1.1\r\nHost: relay\r\n\r\n" + post("/b", b"{}"))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 202 ")
+    assert b"Content-Length: " in head
+    status, _, body = await read_reply(reader)  # the next reply starts right after the head
+    assert status == 202
+    assert orjson.loads(body)["path"] == "/b"
+    writer.close()
+
+
+async def test_target_and_headers_are_decoded_as_documented(harness: Harness) -> None:
+    """The path is percent-decoded, the query kept raw, absolute-form targets reduced to
+    their path, and header bytes that are not UTF-8 kept as surrogates (never an error)."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(
+        b"POST http://relay.example/hooks/de%6Do?a=x%26b+c&a=2 HTTP/1.1\r\nHost: relay\r\n"
+        b"X-Latin: caf\xe9\r\nX-Utf8: caf\xc3\xa9\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert (await read_reply(reader))[0] == 202
+    request = harness.seen[0]
+    assert request.path == "/hooks/demo"
+    assert request.query_string == "a=x%26b+c&a=2"
+    assert request.query.getall("a") == ["x&b c", "2"]
+    assert request.headers["X-Latin"] == "caf\udce9"
+    assert request.headers["x-utf8"] == "café"
+    assert request.remote == "127.0.0.1"
+    writer.close()
+
+
+async def test_a_sender_that_vanishes_mid_body_fails_the_read(harness: Harness) -> None:
+    """The handler waiting for a body whose sender hung up gets a ConnectionError."""
+    errors: list[Exception] = []
+
+    async def reader_of_body(request: Request) -> Response:
+        try:
+            await read_all(request)
+        except ConnectionError as error:
+            errors.append(error)
+        return Response(400, b"")
+
+    await harness.start(reader_of_body)
+    _, writer = await harness.connect()
+    writer.write(b"POST /a HTTP/1.1\r\nHost: relay\r\nContent-Length: 10\r\n\r\nabc")
+    await writer.drain()
+    writer.transport.abort()
+    await eventually(lambda: errors)
+    await eventually(lambda: not harness.server or not harness.server.connections)
+
+
+async def test_a_request_in_flight_finishes_through_close(harness: Harness) -> None:
+    """`close` stops accepting and closes idle connections at once, but a request under way
+    is answered before its connection ends."""
+    release = asyncio.Event()
+
+    async def held(request: Request) -> Response:
+        harness.seen.append(request)
+        await release.wait()
+        return Response(202, b"done")
+
+    await harness.start(held)
+    idle_reader, idle_writer = await harness.connect()
+    busy_reader, busy_writer = await harness.connect()
+    busy_writer.write(post("/a", b"{}"))
+    await eventually(lambda: harness.seen)
+    assert harness.server is not None
+    closing = asyncio.create_task(harness.server.close(5.0))
+    assert await closed(idle_reader)
+    with pytest.raises(ConnectionRefusedError):
+        await harness.connect()
+    release.set()
+    status, headers, body = await read_reply(busy_reader)
+    assert (status, body, headers["connection"]) == (202, b"done", "close")
+    await asyncio.wait_for(closing, 5)
+    assert await closed(busy_reader)
+    idle_writer.close()
+    busy_writer.close()
+
+
+async def test_a_handler_error_is_a_500_and_the_connection_survives(harness: Harness) -> None:
+    """A bug in the handler answers 500 (through `on_refused`, for the log), not silence."""
+    calls = 0
+
+    async def buggy(request: Request) -> Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("bug")
+        return Response(202, b"ok")
+
+    await harness.start(buggy)
+    reader, writer = await harness.connect()
+    writer.write(post("/a", b"{}") + post("/a", b"{}"))
+    assert (await read_reply(reader))[0] == 500
+    assert (await read_reply(reader))[0] == 202
+    assert [r.status for r in harness.refused] == [500]
+    writer.close()
