@@ -135,7 +135,8 @@ class Body:
 class Request:
     """One request: its head as parsed, and its `body` as it arrives.
 
-    `path` is percent-decoded; `query_string` is raw (without '?'); header names and values
+    `path` is percent-decoded (kept as sent when the escapes are not UTF-8); `query_string`
+    is raw (without '?'); header names and values
     are decoded as UTF-8, with bytes that are not UTF-8 kept as surrogates.
     """
 
@@ -143,12 +144,13 @@ class Request:
         "body",
         "content_length",
         "headers",
+        "http_1_0",
         "keep_alive",
         "method",
         "path",
         "query_string",
         "remote",
-    )  # fmt: skip
+    )
 
     def __init__(
         self,
@@ -167,6 +169,7 @@ class Request:
         self.remote = remote
         self.body = body
         self.keep_alive = keep_alive
+        self.http_1_0 = False  # an HTTP/1.0 request kept alive is told so in the reply
         length = headers.get("Content-Length")
         self.content_length = int(length) if length is not None and length.isdigit() else None
 
@@ -190,8 +193,10 @@ def _split_target(target: bytes) -> tuple[str, str]:
     except httptools.HttpParserInvalidURLError:
         raise Refused(400, "malformed request target") from None
     raw_path = _decode(url.path or b"/")
-    path = unquote(raw_path, errors="surrogateescape") if "%" in raw_path else raw_path
-    return path, _decode(url.query or b"")
+    if "%" in raw_path:
+        with contextlib.suppress(UnicodeDecodeError):  # escapes that are not UTF-8: as sent
+            raw_path = unquote(raw_path, errors="strict")
+    return raw_path, _decode(url.query or b"")
 
 
 _date_cache: tuple[int, bytes] = (0, b"")
@@ -205,7 +210,9 @@ def _date_line() -> bytes:
     return _date_cache[1]
 
 
-def serialize(response: Response, keep_alive: bool, head_only: bool = False) -> bytes:
+def serialize(
+    response: Response, keep_alive: bool, head_only: bool = False, http_1_0: bool = False
+) -> bytes:
     """The bytes of `response` on the wire."""
     status = response.status
     lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n".encode()]
@@ -215,6 +222,8 @@ def serialize(response: Response, keep_alive: bool, head_only: bool = False) -> 
     lines.append(b"Content-Length: %d\r\n" % len(response.body))
     if not keep_alive:
         lines.append(b"Connection: close\r\n")
+    elif http_1_0:
+        lines.append(b"Connection: keep-alive\r\n")
     lines.append(b"\r\n")
     if not head_only:
         lines.append(response.body)
@@ -243,6 +252,8 @@ class _Connection(asyncio.Protocol):
         self._write_paused = False
         self._idle_since: float | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._upgrade_stop = False  # llhttp stopped at an Upgrade head (see data_received)
+        self._unframed_bytes = 0  # of that request's body, still to come
 
     # ------------------------------------------------------------ transport events
 
@@ -265,10 +276,18 @@ class _Connection(asyncio.Protocol):
         # the requests queued behind it are dropped
 
     def data_received(self, data: bytes) -> None:
+        if self._upgrade_stop:
+            self._feed_unframed(data)
+            return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._closing = True  # no protocol switch: the request is answered, then closed
+        except httptools.HttpParserUpgrade as upgrade:
+            # No protocol switch: the request is answered as HTTP/1.1, then the connection
+            # closes. llhttp hands over at the end of the head, so the body is counted here.
+            self._upgrade_stop = True
+            self._closing = True
+            offset = upgrade.args[0] if upgrade.args else len(data)
+            self._feed_unframed(data[offset:])
         except httptools.HttpParserError as error:
             self._refuse(self._refusal or Refused(400, f"malformed request: {_error_text(error)}"))
             return
@@ -303,7 +322,7 @@ class _Connection(asyncio.Protocol):
             self._fail_parse(Refused(431, f"more than {MAX_HEADERS} headers"))
         if len(name) + len(value) > MAX_FIELD_BYTES:
             self._fail_parse(Refused(431, f"a header over {MAX_FIELD_BYTES} bytes"))
-        self._headers.append((_decode(name), _decode(value)))
+        self._headers.append((_decode(name), _decode(value.rstrip(b" \t"))))  # OWS (RFC 9112)
 
     def on_headers_complete(self) -> None:
         self._head_bytes = -1
@@ -312,15 +331,28 @@ class _Connection(asyncio.Protocol):
         except Refused as refused:
             self._fail_parse(refused)
         headers = CIMultiDict(self._headers)
-        expects_continue = headers.get("Expect", "").lower() == "100-continue"
+        parser = self._parser
+        http_1_0 = parser.get_http_version() == "1.0"
+        if not http_1_0 and "Host" not in headers:
+            self._fail_parse(Refused(400, "HTTP/1.1 request without Host"))
+        expects_continue = not http_1_0 and headers.get("Expect", "").lower() == "100-continue"
         body = self._body = Body(self, expects_continue)
         if self._closing:
             return  # after a reply that closes the connection nothing more is taken
-        parser = self._parser
-        method = parser.get_method().decode("ascii")
         request = Request(
-            method, path, query, headers, self._remote, body, parser.should_keep_alive()
+            parser.get_method().decode("ascii"),
+            path,
+            query,
+            headers,
+            self._remote,
+            body,
+            parser.should_keep_alive(),
         )
+        request.http_1_0 = http_1_0
+        if parser.should_upgrade():  # llhttp will skip the body; data_received reads it
+            if "Transfer-Encoding" in headers:
+                self._fail_parse(Refused(400, "a chunked body with Upgrade is not supported"))
+            self._unframed_bytes = request.content_length or 0
         self._idle_since = None
         self._queue.append(request)
         if self._task is None:
@@ -337,11 +369,23 @@ class _Connection(asyncio.Protocol):
             self._pause()
 
     def on_message_complete(self) -> None:
+        if self._unframed_bytes:
+            return  # an Upgrade request's body: complete when data_received has counted it
         if self._body is not None:
             self._body.finish()
             self._body = None
         if self._closing and not self._queue:
             self._close_now()
+
+    def _feed_unframed(self, data: bytes) -> None:
+        """The body of a request whose head asked for an Upgrade, by its Content-Length."""
+        if not self._unframed_bytes or not data:
+            return  # anything after it is ignored: the connection closes after the reply
+        part = data[: self._unframed_bytes]
+        self._unframed_bytes -= len(part)
+        self.on_body(part)
+        if not self._unframed_bytes:
+            self.on_message_complete()
 
     def _fail_parse(self, refused: Refused) -> NoReturn:
         self._refusal = refused
@@ -357,7 +401,7 @@ class _Connection(asyncio.Protocol):
             try:
                 response = await self._server.handler(request)
             except Exception as error:  # noqa: BLE001 - one request's bug must not end the loop
-                response = self._server.on_refused(request.remote, Refused(500, repr(error)))
+                response = self._server.refusal(request.remote, Refused(500, repr(error)))
             queue.popleft()
             self._reply(request, response)
             if self._closing or self.closed:
@@ -375,7 +419,8 @@ class _Connection(asyncio.Protocol):
         complete = request.body.complete
         keep_alive = request.keep_alive and complete and not response.close and not self._closing
         keep_alive = keep_alive and not self._server.closing
-        self._transport.write(serialize(response, keep_alive, request.method == "HEAD"))
+        head_only = request.method == "HEAD"
+        self._transport.write(serialize(response, keep_alive, head_only, request.http_1_0))
         if keep_alive:
             return
         self._closing = True
@@ -393,8 +438,10 @@ class _Connection(asyncio.Protocol):
             return
         self._closing = True
         self._head_bytes = -1
+        if self._body is not None:  # a request under way waits for this body: it will not come
+            self._body.fail(refused)
         if self._task is None and self._transport is not None:
-            response = self._server.on_refused(self._remote, refused)
+            response = self._server.refusal(self._remote, refused)
             self._transport.write(serialize(response, keep_alive=False))
             self._close_now()
         # else: the request under way is answered first, and the connection closed after it
@@ -486,6 +533,13 @@ class Server:
         )
         bound = self._server.sockets[0].getsockname()
         return str(bound[0]), int(bound[1])
+
+    def refusal(self, remote: str | None, refused: Refused) -> Response:
+        """`on_refused`'s reply; a plain one should it fail (it must never end a connection)."""
+        try:
+            return self.on_refused(remote, refused)
+        except Exception:  # noqa: BLE001 - the answer matters more than the log line here
+            return Response(refused.status, b'{"error": "request refused"}')
 
     def forget(self, connection: _Connection) -> None:
         """A connection closed with no request under way."""

@@ -477,6 +477,8 @@ async def read_body(request: Request, max_body_bytes: int, timeout_s: float) -> 
         raise Rejected(408, f"body not received within read_timeout {timeout_s:g}s") from None
     except ConnectionError as error:
         raise Rejected(400, f"could not read body: {error}") from None
+    except Refused as refused:  # the body's framing broke (a bad chunk): the connection ends
+        raise Rejected(refused.status, refused.reason) from None
     return b"".join(chunks)
 
 

@@ -384,3 +384,80 @@ async def test_a_handler_error_is_a_500_and_the_connection_survives(harness: Har
     assert (await read_reply(reader))[0] == 202
     assert [r.status for r in harness.refused] == [500]
     writer.close()
+
+
+async def test_an_upgrade_request_is_answered_as_http_1_1_with_its_body(
+    harness: Harness,
+) -> None:
+    """`Connection: Upgrade` (curl --http2 sends it) switches nothing: the handler gets the
+    whole body, as in a packet of its own, and the connection closes after the reply."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(
+        b"POST /a HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nContent-Length: 10\r\n\r\n"
+        b'{"cu'
+    )
+    await eventually(lambda: harness.seen)
+    writer.write(b'rl":1}')
+    status, headers, _ = await read_reply(reader)
+    assert (status, headers["connection"]) == (202, "close")
+    assert harness.bodies == [b'{"curl":1}']
+    assert await closed(reader)
+
+
+async def test_unusual_but_valid_heads(harness: Harness) -> None:
+    """Escapes that are not UTF-8 leave the path as sent; trailing blanks of a header value
+    are not part of it; an HTTP/1.0 request kept alive is told so and gets no 100."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(
+        b"POST /hooks/de%FFmo HTTP/1.1\r\nHost: relay\r\nX-Sig: sha256=ab \t\r\n"
+        b"Content-Length: 0\r\n\r\n"
+        b"POST /a HTTP/1.0\r\nConnection: keep-alive\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 2\r\n\r\n{}"
+    )
+    assert (await read_reply(reader))[0] == 202
+    status, headers, _ = await read_reply(reader)
+    assert (status, headers["connection"]) == (202, "keep-alive")
+    assert harness.seen[0].path == "/hooks/de%FFmo"
+    assert harness.seen[0].headers["X-Sig"] == "sha256=ab"
+    writer.write(post("/b", b"{}"))  # still open
+    assert (await read_reply(reader))[0] == 202
+    writer.close()
+
+
+async def test_an_http_1_1_request_without_host_is_a_400(harness: Harness) -> None:
+    """RFC 9112 requires Host in HTTP/1.1: without it, a 400 and nothing handled."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(b"POST /a HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+    status, _, body = await read_reply(reader)
+    assert status == 400
+    assert orjson.loads(body)["error"] == "HTTP/1.1 request without Host"
+    assert harness.seen == []
+
+
+async def test_a_broken_chunk_fails_the_body_under_way_at_once(harness: Harness) -> None:
+    """A chunked body whose framing breaks mid-way fails the handler's read with the
+    refusal (a 400), instead of leaving it to wait for the read timeout."""
+    failures: list[Refused] = []
+
+    async def reading(request: Request) -> Response:
+        try:
+            await read_all(request)
+        except Refused as refused:
+            failures.append(refused)
+            return Response(refused.status, b"")
+        return Response(202, b"")
+
+    await harness.start(reading)
+    reader, writer = await harness.connect()
+    writer.write(
+        b"POST /a HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n"
+    )
+    writer.write(b"zz\r\n")
+    status, headers, _ = await read_reply(reader)
+    assert (status, headers["connection"]) == (400, "close")
+    assert [f.status for f in failures] == [400]
+    assert await closed(reader)

@@ -207,6 +207,24 @@ async def test_a_malformed_head_gets_a_reason_and_a_log_line(
     assert await daemon.wait_log("event.rejected", status=431, reason="more than 100 headers")
 
 
+async def test_odd_but_valid_requests_are_taken_whole(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """A POST asking for a protocol upgrade (as `curl --http2` does) is journaled with its
+    body; a path with escapes that are not UTF-8 is a plain 404 naming it, not a 500."""
+    daemon = await daemons(demo_config(tmp_path))
+    answer = await raw_exchange(
+        daemon,
+        b"POST /hooks/app HTTP/1.1\r\nHost: relay\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n"
+        b'Content-Type: application/json\r\nContent-Length: 10\r\n\r\n{"curl":1}',
+    )
+    assert answer.startswith(b"HTTP/1.1 202 ")
+    assert daemon.query("SELECT body FROM payloads") == [(b'{"curl":1}',)]
+    status, reply, _ = await daemon.post("/hooks/de%FFmo", b"{}")
+    assert (status, reply) == (404, {"error": "no source at /hooks/de%FFmo"})
+
+
 async def test_the_query_string_is_journaled_raw(tmp_path: Path, daemons: DaemonFactory) -> None:
     """The journal keeps the query string as sent, `+` and escapes intact."""
     daemon = await daemons(demo_config(tmp_path))

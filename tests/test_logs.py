@@ -154,3 +154,11 @@ def test_a_closed_stream_is_reported_once_and_logging_goes_on(
     for n in range(3):
         writer.msg(b'{"n":%d}' % n)
     assert capsys.readouterr().err.count("log output failed") == 1
+
+
+def test_a_line_with_undecodable_text_is_still_written() -> None:
+    """A value carrying a sender's non-UTF-8 bytes (lone surrogates) is logged with U+FFFD
+    in their place instead of failing the line (and the request that logged it)."""
+    render = logs._PrefixedJSON()
+    line = render(None, "info", {"event": "event.rejected", "path": "/a\udcff", "n": ["\udce9"]})
+    assert orjson.loads(line) == {"event": "event.rejected", "path": "/a\ufffd", "n": ["\ufffd"]}
