@@ -102,6 +102,7 @@ class Body:
             if self._expect:
                 self._expect = False
                 self._connection.send_continue()
+            self._connection.maybe_resume()  # reading may be paused for the queue ahead
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -219,13 +220,15 @@ def serialize(
     lines.append(_date_line())
     for name, value in response.headers:
         lines.append(f"{name}: {value}\r\n".encode("latin-1"))
-    lines.append(b"Content-Length: %d\r\n" % len(response.body))
+    bodyless = status < 200 or status in (204, 304)  # RFC 9110: no content, no length
+    if not bodyless:
+        lines.append(b"Content-Length: %d\r\n" % len(response.body))
     if not keep_alive:
         lines.append(b"Connection: close\r\n")
     elif http_1_0:
         lines.append(b"Connection: keep-alive\r\n")
     lines.append(b"\r\n")
-    if not head_only:
+    if not head_only and not bodyless:
         lines.append(response.body)
     return b"".join(lines)
 
@@ -404,6 +407,7 @@ class _Connection(asyncio.Protocol):
                 response = self._server.refusal(request.remote, Refused(500, repr(error)))
             queue.popleft()
             self._reply(request, response)
+            self.maybe_resume()
             if self._closing or self.closed:
                 queue.clear()  # requests behind one that closed the connection are not taken
         self._task = None
@@ -424,7 +428,7 @@ class _Connection(asyncio.Protocol):
         if keep_alive:
             return
         self._closing = True
-        if complete or self._queue:
+        if complete or self._queue or self._refusal is not None:  # nothing more to read
             self._close_now()
         else:  # the sender may still be sending the body: read and drop it for a while
             self._read_paused = False
@@ -440,11 +444,13 @@ class _Connection(asyncio.Protocol):
         self._head_bytes = -1
         if self._body is not None:  # a request under way waits for this body: it will not come
             self._body.fail(refused)
+        self._refusal = refused
+        response = self._server.refusal(self._remote, refused)  # the log line, in any case
         if self._task is None and self._transport is not None:
-            response = self._server.refusal(self._remote, refused)
             self._transport.write(serialize(response, keep_alive=False))
             self._close_now()
-        # else: the request under way is answered first, and the connection closed after it
+        # else: the request under way is answered first, then the connection is closed
+        # (its sender learns that the pipelined rest was not taken, and may send it again)
 
     def send_continue(self) -> None:
         """`100 Continue` for the request under way, whose sender waits for it."""
@@ -494,11 +500,15 @@ class _Connection(asyncio.Protocol):
             self._close_now()
 
     def _close_now(self) -> None:
+        """Close after the replies written so far; abort if the sender does not read them
+        within idle_timeout_s (a closing transport waits for its buffer to drain)."""
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
+            if self._transport.get_write_buffer_size():
+                self._loop.call_later(self._server.idle_timeout_s, self.abort)
 
     def abort(self) -> None:
-        if self._transport is not None:
+        if self._transport is not None and not self.closed:
             self._transport.abort()
 
 

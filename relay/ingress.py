@@ -195,7 +195,10 @@ class Inbound:
 
     def refused(self, remote: str | None, refused: Refused) -> Response:
         """The reply to a request the connection refused before any source saw it (a
-        malformed or oversized head), logged like any rejection."""
+        malformed or oversized head), logged like any rejection; or a 500 for a bug (called
+        while its exception is handled: the log line carries the traceback)."""
+        if refused.status >= 500:
+            log.exception("ingress.internal_error", error=refused.reason, remote=remote)
         log.info(
             "event.rejected",
             source=None,

@@ -8,7 +8,9 @@ vanishing senders, and shutdown are what a real socket delivers.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from unittest.mock import ANY
 
 import orjson
 import pytest
@@ -461,3 +463,65 @@ async def test_a_broken_chunk_fails_the_body_under_way_at_once(harness: Harness)
     assert (status, headers["connection"]) == (400, "close")
     assert [f.status for f in failures] == [400]
     assert await closed(reader)
+
+
+async def test_no_content_replies_carry_no_body(harness: Harness) -> None:
+    """A 204 (a source's ack_status may be 204) has neither body nor Content-Length, so
+    the sender's client reads the next reply where it starts."""
+
+    async def no_content(request: Request) -> Response:
+        return Response(204, b'{"id": "evt_x", "deliveries": 1}')
+
+    await harness.start(no_content)
+    reader, writer = await harness.connect()
+    writer.write(post("/a", b"{}") + post("/a", b"{}"))
+    for _ in range(2):
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 204 No Content\r\n")
+        assert b"Content-Length" not in head
+    writer.close()
+
+
+async def test_a_full_pipeline_of_early_replies_does_not_stall_the_next_body(
+    harness: Harness,
+) -> None:
+    """More pipelined requests than are parsed ahead, answered without reading their
+    bodies, then one whose body comes later: reading resumes and that body arrives."""
+
+    async def early_or_read(request: Request) -> Response:
+        if request.path == "/nope":
+            return Response(404, b"")
+        body = request.body.take() if request.body.complete else await read_all(request)
+        return Response(202, body)
+
+    await harness.start(early_or_read)
+    reader, writer = await harness.connect()
+    nope = b"GET /nope HTTP/1.1\r\nHost: relay\r\n\r\n"
+    writer.write(nope * 20 + b"POST /a HTTP/1.1\r\nHost: relay\r\nContent-Length: 2\r\n\r\n")
+    statuses = [(await read_reply(reader))[0] for _ in range(20)]
+    assert statuses == [404] * 20
+    writer.write(b"{}")
+    assert await read_reply(reader) == (202, {"content-length": "2", "date": ANY}, b"{}")
+    writer.close()
+
+
+async def test_a_sender_that_never_reads_its_replies_is_cut_off(harness: Harness) -> None:
+    """Replies piling up unread stop the reading of more requests, and the connection is
+    aborted after idle_timeout_s instead of waiting for the sender for ever."""
+
+    async def large(request: Request) -> Response:
+        harness.seen.append(request)
+        return Response(200, b"x" * 256 * 1024)
+
+    await harness.start(large, idle_timeout_s=0.3)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", harness.port))
+    sock.setblocking(False)
+    _, writer = await asyncio.open_connection(sock=sock)
+    writer.write(post("/a", b"{}") * 64)
+    await eventually(lambda: harness.seen)
+    assert harness.server is not None
+    assert harness.server.connections
+    await eventually(lambda: harness.server is not None and not harness.server.connections)
+    writer.close()
