@@ -74,16 +74,18 @@ class Body:
     """A request's body as it arrives. `complete` once all of it is in; `take` returns what
     is buffered; `read` waits for more (b"" at the end; ConnectionError if the sender left)."""
 
-    __slots__ = ("_chunks", "_connection", "_error", "_expect", "_size", "_waiter", "complete")
+    __slots__ = (
+        "_chunks", "_connection", "_error", "_size", "_waiter", "complete", "expects_continue",
+    )  # fmt: skip
 
-    def __init__(self, connection: _Connection, expects_continue: bool) -> None:
+    def __init__(self, connection: _Connection) -> None:
         self._chunks: list[bytes] = []
         self._size = 0
         self.complete = False
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._connection = connection
-        self._expect = expects_continue  # the sender waits for `100 Continue` first
+        self.expects_continue = False  # the sender waits for `100 Continue` first
 
     def take(self) -> bytes:
         chunks = self._chunks
@@ -99,8 +101,8 @@ class Body:
                 return b""
             if self._error is not None:
                 raise self._error
-            if self._expect:
-                self._expect = False
+            if self.expects_continue:
+                self.expects_continue = False
                 self._connection.send_continue()
             self._connection.maybe_resume()  # reading may be paused for the queue ahead
             self._waiter = asyncio.get_running_loop().create_future()
@@ -144,6 +146,7 @@ class Request:
     __slots__ = (
         "body",
         "content_length",
+        "header_pairs",
         "headers",
         "http_1_0",
         "keep_alive",
@@ -158,7 +161,7 @@ class Request:
         method: str,
         path: str,
         query_string: str,
-        headers: CIMultiDict[str],
+        header_pairs: list[tuple[str, str]],
         remote: str | None,
         body: Body,
         keep_alive: bool,
@@ -166,7 +169,8 @@ class Request:
         self.method = method
         self.path = path
         self.query_string = query_string
-        self.headers = headers
+        self.header_pairs = header_pairs  # as received, in order
+        self.headers = headers = CIMultiDict(header_pairs)
         self.remote = remote
         self.body = body
         self.keep_alive = keep_alive
@@ -189,6 +193,8 @@ def _decode(raw: bytes) -> str:
 
 def _split_target(target: bytes) -> tuple[str, str]:
     """(percent-decoded path, raw query) of a request target (origin or absolute form)."""
+    if target[:1] == b"/" and b"%" not in target and b"?" not in target and b"#" not in target:
+        return target.decode("latin-1"), ""  # the usual webhook path: nothing to take apart
     try:
         url = httptools.parse_url(target)
     except httptools.HttpParserInvalidURLError:
@@ -211,15 +217,32 @@ def _date_line() -> bytes:
     return _date_cache[1]
 
 
+_heads: dict[tuple[int, tuple[tuple[str, str], ...]], bytes] = {}
+MAX_CACHED_HEADS = 64
+
+
+def _head(status: int, headers: Sequence[tuple[str, str]]) -> bytes:
+    """The status line and `headers`, encoded; remembered for headers given as a tuple
+    (the constant ones: most replies are a 202 with only a Content-Type)."""
+    if type(headers) is tuple:
+        key = (status, headers)
+        cached = _heads.get(key)
+        if cached is not None:
+            return cached
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"]
+    lines.extend(f"{name}: {value}\r\n" for name, value in headers)
+    head = "".join(lines).encode("latin-1")
+    if type(headers) is tuple and len(_heads) < MAX_CACHED_HEADS:
+        _heads[key] = head
+    return head
+
+
 def serialize(
     response: Response, keep_alive: bool, head_only: bool = False, http_1_0: bool = False
 ) -> bytes:
     """The bytes of `response` on the wire."""
     status = response.status
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n".encode()]
-    lines.append(_date_line())
-    for name, value in response.headers:
-        lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+    lines = [_head(status, response.headers), _date_line()]
     bodyless = status < 200 or status in (204, 304)  # RFC 9110: no content, no length
     if not bodyless:
         lines.append(b"Content-Length: %d\r\n" % len(response.body))
@@ -333,23 +356,26 @@ class _Connection(asyncio.Protocol):
             path, query = _split_target(self._target)
         except Refused as refused:
             self._fail_parse(refused)
-        headers = CIMultiDict(self._headers)
         parser = self._parser
         http_1_0 = parser.get_http_version() == "1.0"
-        if not http_1_0 and "Host" not in headers:
-            self._fail_parse(Refused(400, "HTTP/1.1 request without Host"))
-        expects_continue = not http_1_0 and headers.get("Expect", "").lower() == "100-continue"
-        body = self._body = Body(self, expects_continue)
-        if self._closing:
-            return  # after a reply that closes the connection nothing more is taken
+        body = self._body = Body(self)
         request = Request(
             parser.get_method().decode("ascii"),
             path,
             query,
-            headers,
+            self._headers,
             self._remote,
             body,
             parser.should_keep_alive(),
+        )
+        headers = request.headers
+        if not http_1_0 and "Host" not in headers:
+            self._fail_parse(Refused(400, "HTTP/1.1 request without Host"))
+        if self._closing:
+            return  # after a reply that closes the connection nothing more is taken
+        expect = headers.get("Expect")
+        body.expects_continue = (
+            expect is not None and not http_1_0 and expect.lower() == "100-continue"
         )
         request.http_1_0 = http_1_0
         if parser.should_upgrade():  # llhttp will skip the body; data_received reads it

@@ -239,7 +239,7 @@ class Inbound:
         received_ms = time.time_ns() // 1_000_000
         verdict = check_signature(request, source, body, received_ms / 1000)
         event_id = ids.event_id(received_ms)
-        headers = list(request.headers.items())
+        headers = request.header_pairs
         if not "".join(request.headers.values()).isascii():  # one check for all of them
             headers = [(name, text_safe(value)) for name, value in headers]
         try:
