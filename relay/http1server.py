@@ -33,6 +33,7 @@ MAX_HEADERS = 100
 MAX_HEAD_BYTES = 64 * 1024  # a request's line and headers together
 BODY_HIGH_WATER_BYTES = 256 * 1024  # unread body buffered before reading pauses
 MAX_PIPELINED = 16  # requests parsed ahead of their turn before reading pauses
+MAX_QUEUED = 64  # requests parsed ahead in one read at most; beyond, the rest is refused
 LINGER_S = 1.0  # after a reply sent before its body arrived: discard the rest this long
 
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
@@ -280,6 +281,14 @@ class _Connection(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._upgrade_stop = False  # llhttp stopped at an Upgrade head (see data_received)
         self._unframed_bytes = 0  # of that request's body, still to come
+        self._eof = False  # the sender half-closed: answer what it sent, then close
+        self._pending_refusal: Response | None = None  # sent once the queue is answered
+        self._lingering = False  # half-closed after the last reply; reads are dropped
+        self._head_size = 0  # bytes of the head parsed so far (target and complete fields)
+        self._messages = 0  # heads begun (a read that begins one does not count toward it)
+        self._read_body_bytes = 0  # of this read: body bytes, and heads completed
+        self._read_head_bytes = 0
+        self._bodiless_bytes = 0  # reads with no body byte while a body is under way
 
     # ------------------------------------------------------------ transport events
 
@@ -302,25 +311,64 @@ class _Connection(asyncio.Protocol):
         # the requests queued behind it are dropped
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # after the last reply: read, and dropped
         if self._upgrade_stop:
             self._feed_unframed(data)
             return
+        if self._refusal is not None:
+            return  # a reply is due before the close: read (so that the close sends no RST), drop
+        in_head, messages = self._head_bytes >= 0, self._messages
+        in_body = self._body is not None and not in_head
+        self._read_body_bytes = self._read_head_bytes = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            # No protocol switch: the request is answered as HTTP/1.1, then the connection
-            # closes. llhttp hands over at the end of the head, so the body is counted here.
+            # No protocol switch: the request is answered as HTTP/1.1 (after those ahead of
+            # it), then the connection closes. llhttp hands over at the end of the head, so
+            # the body is counted here.
             self._upgrade_stop = True
-            self._closing = True
+            if self._task is None:  # nothing was taken (a reply already closed it)
+                self._closing = True
+                self._close_now()
             offset = upgrade.args[0] if upgrade.args else len(data)
             self._feed_unframed(data[offset:])
+            return
         except httptools.HttpParserError as error:
             self._refuse(self._refusal or Refused(400, f"malformed request: {_error_text(error)}"))
             return
-        if self._head_bytes >= 0:  # a head still incomplete after this chunk
+        if messages != self._messages:  # a head begun in this read, and not complete:
+            if self._head_bytes >= 0:  # the read less the bodies and heads before it
+                before = self._read_body_bytes + self._read_head_bytes
+                self._head_bytes = max(self._head_size, len(data) - before)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self._refuse(Refused(431, f"request head over {MAX_HEAD_BYTES} bytes"))
+            return
+        if in_head and self._head_bytes >= 0:
+            # a head under way before and after this read: a field httptools is still
+            # gathering is bounded here (complete fields are also counted as they come)
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse(Refused(431, f"request head over {MAX_HEAD_BYTES} bytes"))
+        elif in_body and self._body is not None and not self._read_body_bytes:
+            # chunk framing and trailers only: httptools gathers a trailer field whole
+            self._bodiless_bytes += len(data)
+            if self._bodiless_bytes > MAX_HEAD_BYTES:
+                self._refuse(Refused(431, f"chunk framing or trailers over {MAX_HEAD_BYTES} bytes"))
+
+    def eof_received(self) -> bool:
+        """The sender finished sending (a half-close): what it sent in full is answered,
+        then the connection closes; a body under way will not come."""
+        self._eof = True
+        if self._lingering:
+            return False  # the end of a lingering close: the transport closes now
+        if self._body is not None:
+            self._body.fail(ConnectionResetError("the sender closed the connection"))
+        if self._task is None:
+            self._closing = True
+            self._close_now()
+        # TLS cannot stay half-open (asyncio warns if asked to): it closes as before
+        return self._transport is not None and self._transport.get_extra_info("sslcontext") is None
 
     def pause_writing(self) -> None:
         """The sender is not reading its replies: stop reading its requests until it does."""
@@ -337,28 +385,44 @@ class _Connection(asyncio.Protocol):
         self._target = b""
         self._headers = []
         self._head_bytes = 0
+        self._head_size = 0
+        self._messages += 1
 
     def on_url(self, target: bytes) -> None:
         self._target += target
+        self._head_size += len(target)
         if len(self._target) > MAX_TARGET_BYTES:
             self._fail_parse(Refused(414, f"request target over {MAX_TARGET_BYTES} bytes"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(self._headers) >= MAX_HEADERS:
-            self._fail_parse(Refused(431, f"more than {MAX_HEADERS} headers"))
         if len(name) + len(value) > MAX_FIELD_BYTES:
             self._fail_parse(Refused(431, f"a header over {MAX_FIELD_BYTES} bytes"))
+        self._head_size += len(name) + len(value) + 4
+        if self._head_bytes < 0:  # a trailer, after a chunked body: bounded, and not kept
+            if self._head_size > MAX_HEAD_BYTES:
+                self._fail_parse(Refused(431, f"trailers over {MAX_HEAD_BYTES} bytes"))
+            return
+        if len(self._headers) >= MAX_HEADERS:
+            self._fail_parse(Refused(431, f"more than {MAX_HEADERS} headers"))
+        if self._head_size > MAX_HEAD_BYTES:
+            self._fail_parse(Refused(431, f"request head over {MAX_HEAD_BYTES} bytes"))
         self._headers.append((_decode(name), _decode(value.rstrip(b" \t"))))  # OWS (RFC 9112)
 
     def on_headers_complete(self) -> None:
         self._head_bytes = -1
+        self._read_head_bytes += self._head_size
+        self._head_size = 0  # from here on: the trailers' size
         try:
             path, query = _split_target(self._target)
         except Refused as refused:
             self._fail_parse(refused)
         parser = self._parser
-        http_1_0 = parser.get_http_version() == "1.0"
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._fail_parse(Refused(400, f"HTTP version {version} not supported"))
+        http_1_0 = version == "1.0"
         body = self._body = Body(self)
+        self._bodiless_bytes = 0
         request = Request(
             parser.get_method().decode("ascii"),
             path,
@@ -369,8 +433,10 @@ class _Connection(asyncio.Protocol):
             parser.should_keep_alive(),
         )
         headers = request.headers
-        if not http_1_0 and "Host" not in headers:
-            self._fail_parse(Refused(400, "HTTP/1.1 request without Host"))
+        if len(headers.getall("Host", ())) != (0 if http_1_0 and "Host" not in headers else 1):
+            self._fail_parse(Refused(400, "a request needs exactly one Host (RFC 9112)"))
+        if len(self._queue) >= MAX_QUEUED:  # one read of many tiny requests: not all taken
+            self._fail_parse(Refused(429, f"more than {MAX_QUEUED} pipelined requests"))
         if self._closing:
             return  # after a reply that closes the connection nothing more is taken
         expect = headers.get("Expect")
@@ -390,6 +456,8 @@ class _Connection(asyncio.Protocol):
             self._pause()
 
     def on_body(self, data: bytes) -> None:
+        self._read_body_bytes += len(data)
+        self._bodiless_bytes = 0
         body = self._body
         if body is None or (self._closing and not self._queue):
             return  # a reply went before this body: the rest of it is dropped
@@ -425,6 +493,7 @@ class _Connection(asyncio.Protocol):
     async def _serve(self) -> None:
         """Run the queued requests in order, while the connection stays open."""
         queue = self._queue
+        ended = False
         while queue:
             request = queue[0]
             try:
@@ -432,10 +501,15 @@ class _Connection(asyncio.Protocol):
             except Exception as error:  # noqa: BLE001 - one request's bug must not end the loop
                 response = self._server.refusal(request.remote, Refused(500, repr(error)))
             queue.popleft()
-            self._reply(request, response)
+            ended = self._reply(request, response)
             self.maybe_resume()
-            if self._closing or self.closed:
+            if ended or self.closed:
                 queue.clear()  # requests behind one that closed the connection are not taken
+        refusal, self._pending_refusal = self._pending_refusal, None
+        if refusal is not None and self._transport is not None and not (ended or self.closed):
+            self._transport.write(serialize(refusal, keep_alive=False))  # after those ahead
+            self._closing = True
+            self._close_now()
         self._task = None
         if self.closed:
             self._server.forget(self)
@@ -443,40 +517,48 @@ class _Connection(asyncio.Protocol):
             self.maybe_resume()
             self._become_idle()
 
-    def _reply(self, request: Request, response: Response) -> None:
+    def _reply(self, request: Request, response: Response) -> bool:
+        """Write the reply; True when it ends the connection."""
         if self.closed or self._transport is None:
-            return  # the sender left; what it sent is kept all the same
+            return True  # the sender left; what it sent is kept all the same
         complete = request.body.complete
-        keep_alive = request.keep_alive and complete and not response.close and not self._closing
+        keep_alive = request.keep_alive and complete and not response.close
         keep_alive = keep_alive and not self._server.closing
+        if not self._queue:  # the last reply due: after it, end what is ending
+            ending = self._upgrade_stop or self._eof or self._closing
+            keep_alive = keep_alive and not (ending and self._pending_refusal is None)
         head_only = request.method == "HEAD"
         self._transport.write(serialize(response, keep_alive, head_only, request.http_1_0))
         if keep_alive:
-            return
+            return False
         self._closing = True
-        if complete or self._queue or self._refusal is not None:  # nothing more to read
-            self._close_now()
-        else:  # the sender may still be sending the body: read and drop it for a while
-            self._read_paused = False
-            self._transport.resume_reading()
-            self._loop.call_later(LINGER_S, self._close_now)
+        self._close_now()  # the rest of an unread body, if any, is read and dropped a while
+        return True
 
     def _refuse(self, refused: Refused) -> None:
         """Answer what could not be parsed or taken (unless a reply is due first); close."""
         if self._closing or self.closed:
-            self._close_now()
+            if self._task is None:
+                self._close_now()
             return
         self._closing = True
         self._head_bytes = -1
-        if self._body is not None:  # a request under way waits for this body: it will not come
-            self._body.fail(refused)
+        body = self._body
+        if body is not None and not body.complete:  # its request waits for it: it will not come
+            body.fail(refused)
         self._refusal = refused
+        queue = self._queue
+        if queue and body is queue[0].body:
+            return  # the handler reading that body answers (and logs) the refusal
+        if queue and body is queue[-1].body:
+            queue.pop()  # a request waiting its turn whose body broke: refused below
         response = self._server.refusal(self._remote, refused)  # the log line, in any case
-        if self._task is None and self._transport is not None:
+        if queue:  # requests ahead of the refused bytes are answered first, then this
+            self._pending_refusal = response
+        elif self._transport is not None:
             self._transport.write(serialize(response, keep_alive=False))
             self._close_now()
-        # else: the request under way is answered first, then the connection is closed
-        # (its sender learns that the pipelined rest was not taken, and may send it again)
+        # what comes meanwhile is read and dropped (data_received)
 
     def send_continue(self) -> None:
         """`100 Continue` for the request under way, whose sender waits for it."""
@@ -515,7 +597,10 @@ class _Connection(asyncio.Protocol):
         if self._idle_since is None or self.closed:
             return
         remaining_s = self._idle_since + self._server.idle_timeout_s - self._loop.time()
-        if remaining_s <= 0:
+        if remaining_s <= 0 and self._head_bytes >= 0:  # a head begun and never finished
+            idle_s = self._server.idle_timeout_s
+            self._refuse(Refused(408, f"request head not received within idle_timeout {idle_s:g}s"))
+        elif remaining_s <= 0:  # an idle keep-alive connection: closed without a word
             self._close_now()
         else:
             self._idle_timer = self._loop.call_later(remaining_s, self._check_idle)
@@ -526,11 +611,30 @@ class _Connection(asyncio.Protocol):
             self._close_now()
 
     def _close_now(self) -> None:
-        """Close after the replies written so far; abort if the sender does not read them
-        within idle_timeout_s (a closing transport waits for its buffer to drain)."""
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
-            if self._transport.get_write_buffer_size():
+        """End the connection after the replies written so far. Where the socket allows,
+        half-close first and read (and drop) what the sender still sends, until it closes
+        or for LINGER_S: closing with unread bytes would reset the connection, and a reset
+        can destroy replies the sender has not read yet (an early 413, say)."""
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._lingering:
+            return
+        if self._eof or not transport.can_write_eof():  # the sender is done; or TLS
+            self._close_transport()
+            return
+        self._lingering = True
+        transport.write_eof()
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        self._loop.call_later(LINGER_S, self._close_transport)
+
+    def _close_transport(self) -> None:
+        """Close; abort if the sender does not read the replies within idle_timeout_s (a
+        closing transport waits for its buffer to drain)."""
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+            if transport.get_write_buffer_size():
                 self._loop.call_later(self._server.idle_timeout_s, self.abort)
 
     def abort(self) -> None:

@@ -8,6 +8,7 @@ vanishing senders, and shutdown are what a real socket delivers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from unittest.mock import ANY
@@ -17,6 +18,7 @@ import pytest
 
 from relay.http1server import (
     MAX_HEAD_BYTES,
+    MAX_QUEUED,
     Refused,
     Request,
     Response,
@@ -49,7 +51,11 @@ class Harness:
     async def echo(self, request: Request) -> Response:
         """Reads the whole body and answers 202 with what it received."""
         self.seen.append(request)
-        body = request.body.take() if request.body.complete else await read_all(request)
+        try:
+            body = request.body.take() if request.body.complete else await read_all(request)
+        except Refused as refused:  # the body's framing broke: answered (and logged) here
+            self.refused.append(refused)
+            return Response(refused.status, orjson.dumps({"error": refused.reason}))
         self.bodies.append(body)
         reply = {"path": request.path, "query": request.query_string, "bytes": len(body)}
         return Response(202, orjson.dumps(reply), (("Content-Type", "application/json"),))
@@ -190,10 +196,14 @@ async def test_a_head_over_the_limit_in_small_packets_is_refused(harness: Harnes
 async def test_a_head_that_never_completes_is_closed_after_the_idle_timeout(
     harness: Harness,
 ) -> None:
-    """A sender that starts a head and goes silent is disconnected after idle_timeout_s."""
+    """A sender that starts a head and goes silent gets a 408 naming idle_timeout (and a log
+    line, through `on_refused`) and is disconnected after idle_timeout_s."""
     await harness.start(idle_timeout_s=0.2)
     reader, writer = await harness.connect()
     writer.write(b"POST /a HTTP/1.1\r\nHost: relay\r\n")
+    status, headers, body = await read_reply(reader)
+    assert (status, headers["connection"]) == (408, "close")
+    assert orjson.loads(body)["error"] == "request head not received within idle_timeout 0.2s"
     assert await closed(reader)
     assert harness.seen == []
 
@@ -436,7 +446,7 @@ async def test_an_http_1_1_request_without_host_is_a_400(harness: Harness) -> No
     writer.write(b"POST /a HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
     status, _, body = await read_reply(reader)
     assert status == 400
-    assert orjson.loads(body)["error"] == "HTTP/1.1 request without Host"
+    assert orjson.loads(body)["error"] == "a request needs exactly one Host (RFC 9112)"
     assert harness.seen == []
 
 
@@ -462,6 +472,7 @@ async def test_a_broken_chunk_fails_the_body_under_way_at_once(harness: Harness)
     status, headers, _ = await read_reply(reader)
     assert (status, headers["connection"]) == (400, "close")
     assert [f.status for f in failures] == [400]
+    assert harness.refused == []  # logged once, by the handler that answered it
     assert await closed(reader)
 
 
@@ -524,4 +535,180 @@ async def test_a_sender_that_never_reads_its_replies_is_cut_off(harness: Harness
     assert harness.server is not None
     assert harness.server.connections
     await eventually(lambda: harness.server is not None and not harness.server.connections)
+    writer.close()
+
+
+# ---------------------------------------------------------------- review 3
+
+
+async def test_a_sender_that_half_closes_after_its_request_gets_the_reply(
+    harness: Harness,
+) -> None:
+    """A request sent whole, then a half-close (shutdown(SHUT_WR)): answered, then closed."""
+
+    async def slow_echo(request: Request) -> Response:
+        await asyncio.sleep(0.05)  # the journal write: the EOF is read meanwhile
+        return await harness.echo(request)
+
+    await harness.start(slow_echo)
+    reader, writer = await harness.connect()
+    writer.write(post("/a", b"{}") + post("/b", b"[]"))
+    writer.write_eof()
+    assert (await read_reply(reader))[0] == 202
+    assert (await read_reply(reader))[0] == 202
+    assert await closed(reader)
+    assert harness.bodies == [b"{}", b"[]"]
+
+
+async def test_trailers_are_bounded_like_a_head(harness: Harness) -> None:
+    """A trailer field that never ends is refused once past MAX_HEAD_BYTES (httptools
+    gathers a field whole, so it would otherwise grow until read_timeout)."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(
+        b"POST /a HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n0\r\nX-T: "
+    )
+    for _ in range(8):
+        writer.write(b"a" * 32768)
+        await writer.drain()
+        if harness.refused:
+            break
+    await eventually(lambda: harness.refused)
+    assert harness.refused[0].status == 431
+    with contextlib.suppress(ConnectionError):  # closed after the echo handler's reply
+        await asyncio.wait_for(reader.read(), 5)
+    assert reader.at_eof()
+
+
+async def test_a_head_over_the_limit_in_one_read_is_refused(harness: Harness) -> None:
+    """The limit on a head holds whatever way it is cut into reads."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    fields = [f"X-Pad-{n}: {'v' * 8000}" for n in range(9)]  # ~72 KB
+    writer.write(post("/a", b"{}", *fields))
+    assert (await read_reply(reader))[0] == 431
+    assert harness.seen == []
+
+
+async def test_a_pipelined_head_is_not_charged_for_the_body_before_it(
+    harness: Harness,
+) -> None:
+    """A read holding the end of a 100 KB body and the start of the next head is no 431."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(post("/a", b"x" * 100_000) + b"POST /b HTTP/1.1\r\nHo")
+    await asyncio.sleep(0.2)
+    writer.write(b"st: relay\r\nContent-Length: 2\r\n\r\n{}")
+    assert (await read_reply(reader))[0] == 202
+    assert (await read_reply(reader))[0] == 202
+    assert harness.refused == []
+
+
+async def test_an_upgrade_behind_a_request_is_answered_after_it(harness: Harness) -> None:
+    """A pipelined Upgrade request is answered (then the connection closes); the request
+    ahead of it is answered first and kept alive."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(post("/a", b"{}") + post("/b", b"[1]", "Connection: Upgrade", "Upgrade: h2c"))
+    status, headers, _ = await read_reply(reader)
+    assert (status, headers.get("connection")) == (202, None)
+    status, headers, _ = await read_reply(reader)
+    assert (status, headers.get("connection")) == (202, "close")
+    assert await closed(reader)
+    assert harness.bodies == [b"{}", b"[1]"]
+
+
+async def test_an_upgrade_request_expecting_100_continue_gets_it(harness: Harness) -> None:
+    await harness.start()
+    reader, writer = await harness.connect()
+    head = post("/a", b"", "Connection: Upgrade", "Upgrade: h2c", "Expect: 100-continue")
+    writer.write(head.replace(b"Content-Length: 0", b"Content-Length: 2"))
+    assert (
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    )
+    writer.write(b"{}")
+    assert (await read_reply(reader))[0] == 202
+
+
+async def test_more_garbage_after_a_refusal_does_not_cut_the_reply_under_way(
+    harness: Harness,
+) -> None:
+    """The request under way is answered even when more bytes follow the refused ones."""
+    gate = asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        harness.seen.append(request)
+        await gate.wait()  # the journal write, say
+        return Response(202, b"committed")
+
+    await harness.start(slow)
+    reader, writer = await harness.connect()
+    writer.write(post("/a", b"{}"))
+    await eventually(lambda: harness.seen)
+    writer.write(b"NOT HTTP\r\n\r\n")
+    await eventually(lambda: harness.refused)
+    writer.write(b"more\r\n")
+    await writer.drain()
+    gate.set()
+    status, headers, body = await read_reply(reader)
+    assert (status, body, "connection" in headers) == (202, b"committed", False)
+    status, headers, _ = await read_reply(reader)  # then the refusal, and the end
+    assert (status, headers["connection"]) == (400, "close")
+    assert await closed(reader)
+
+
+async def test_trailers_are_not_taken_for_headers(harness: Harness) -> None:
+    """Fields after a chunked body (trailers) are read and dropped: the handler's headers
+    are the head's alone, so nothing a sender appends later is journaled as one."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(
+        b"POST /a HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n0\r\nX-Trailer: late\r\n\r\n"
+    )
+    assert (await read_reply(reader))[0] == 202
+    request = harness.seen[0]
+    assert [name for name, _ in request.header_pairs] == ["Host", "Transfer-Encoding"]
+    assert "X-Trailer" not in request.headers
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "reason"),
+    [
+        (b"POST /a HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: 0\r\n\r\n", "one Host"),
+        (b"GET /\r\n\r\n", "HTTP version 0.9 not supported"),
+    ],
+    ids=["two-hosts", "http-0.9"],
+)
+async def test_heads_that_do_not_name_one_host_or_a_known_version_are_400s(
+    harness: Harness, request_bytes: bytes, reason: str
+) -> None:
+    """Two Host headers (RFC 9112), or an HTTP version other than 1.0 and 1.1: a 400."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(request_bytes)
+    status, _, body = await read_reply(reader)
+    assert status == 400
+    assert reason in orjson.loads(body)["error"]
+    assert harness.seen == []
+    writer.close()
+
+
+async def test_a_read_of_many_tiny_requests_is_taken_only_in_part(harness: Harness) -> None:
+    """Hundreds of requests pipelined in one write: the first MAX_QUEUED are answered in
+    order, the rest refused (429, logged) and the connection closed, so one read cannot
+    queue thousands of requests."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(b"GET /t HTTP/1.1\r\nHost: x\r\n\r\n" * (MAX_QUEUED * 4))
+    statuses = []
+    while not reader.at_eof() and len(statuses) <= MAX_QUEUED * 4:
+        try:
+            statuses.append((await read_reply(reader))[0])
+        except asyncio.IncompleteReadError:
+            break
+    assert statuses == [202] * MAX_QUEUED + [429]
+    assert [r.status for r in harness.refused] == [429]
     writer.close()
