@@ -33,7 +33,7 @@ MAX_HEADERS = 100
 MAX_HEAD_BYTES = 64 * 1024  # a request's line and headers together
 BODY_HIGH_WATER_BYTES = 256 * 1024  # unread body buffered before reading pauses
 MAX_PIPELINED = 16  # requests parsed ahead of their turn before reading pauses
-MAX_QUEUED = 64  # requests parsed ahead in one read at most; beyond, the rest is refused
+MAX_QUEUED = 64  # requests parsed ahead of their turn at most; beyond, the rest is refused
 LINGER_S = 1.0  # after a reply sent before its body arrived: discard the rest this long
 
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
@@ -279,6 +279,7 @@ class _Connection(asyncio.Protocol):
         self._write_paused = False
         self._idle_since: float | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None  # armed by _close_now
         self._upgrade_stop = False  # llhttp stopped at an Upgrade head (see data_received)
         self._unframed_bytes = 0  # of that request's body, still to come
         self._eof = False  # the sender half-closed: answer what it sent, then close
@@ -286,8 +287,7 @@ class _Connection(asyncio.Protocol):
         self._lingering = False  # half-closed after the last reply; reads are dropped
         self._head_size = 0  # bytes of the head parsed so far (target and complete fields)
         self._messages = 0  # heads begun (a read that begins one does not count toward it)
-        self._read_body_bytes = 0  # of this read: body bytes, and heads completed
-        self._read_head_bytes = 0
+        self._read_body_bytes = 0  # of this read: body bytes
         self._bodiless_bytes = 0  # reads with no body byte while a body is under way
 
     # ------------------------------------------------------------ transport events
@@ -303,6 +303,8 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
         for request in self._queue:
             request.body.fail(ConnectionResetError("the sender closed the connection"))
         if self._task is None:
@@ -320,7 +322,8 @@ class _Connection(asyncio.Protocol):
             return  # a reply is due before the close: read (so that the close sends no RST), drop
         in_head, messages = self._head_bytes >= 0, self._messages
         in_body = self._body is not None and not in_head
-        self._read_body_bytes = self._read_head_bytes = 0
+        between = not in_head and self._body is None  # the read begins with the next message
+        self._read_body_bytes = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -337,10 +340,13 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as error:
             self._refuse(self._refusal or Refused(400, f"malformed request: {_error_text(error)}"))
             return
-        if messages != self._messages:  # a head begun in this read, and not complete:
-            if self._head_bytes >= 0:  # the read less the bodies and heads before it
-                before = self._read_body_bytes + self._read_head_bytes
-                self._head_bytes = max(self._head_size, len(data) - before)
+        if messages != self._messages:  # a head begun in this read, and not complete
+            if self._head_bytes >= 0:
+                # the whole read, when it holds only this head; else what is known exactly
+                # (the fields complete so far): the bytes of the messages before it in this
+                # read are not known, and a guess can refuse a good head (a false 431)
+                alone = between and messages + 1 == self._messages
+                self._head_bytes = len(data) if alone else self._head_size
                 if self._head_bytes > MAX_HEAD_BYTES:
                     self._refuse(Refused(431, f"request head over {MAX_HEAD_BYTES} bytes"))
             return
@@ -382,6 +388,8 @@ class _Connection(asyncio.Protocol):
     # ------------------------------------------------------------ parser callbacks
 
     def on_message_begin(self) -> None:
+        if self._idle_since is not None:  # the head's own idle_timeout starts with its first byte
+            self._idle_since = self._loop.time()
         self._target = b""
         self._headers = []
         self._head_bytes = 0
@@ -410,7 +418,6 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._head_bytes = -1
-        self._read_head_bytes += self._head_size
         self._head_size = 0  # from here on: the trailers' size
         try:
             path, query = _split_target(self._target)
@@ -433,7 +440,8 @@ class _Connection(asyncio.Protocol):
             parser.should_keep_alive(),
         )
         headers = request.headers
-        if len(headers.getall("Host", ())) != (0 if http_1_0 and "Host" not in headers else 1):
+        hosts = len(headers.getall("Host", ()))
+        if hosts > 1 or (hosts == 0 and not http_1_0):
             self._fail_parse(Refused(400, "a request needs exactly one Host (RFC 9112)"))
         if len(self._queue) >= MAX_QUEUED:  # one read of many tiny requests: not all taken
             self._fail_parse(Refused(429, f"more than {MAX_QUEUED} pipelined requests"))
@@ -552,6 +560,8 @@ class _Connection(asyncio.Protocol):
             return  # the handler reading that body answers (and logs) the refusal
         if queue and body is queue[-1].body:
             queue.pop()  # a request waiting its turn whose body broke: refused below
+        if queue and not queue[-1].keep_alive:
+            return  # bytes after a request that closes the connection: ignored (RFC 9112 9.6)
         response = self._server.refusal(self._remote, refused)  # the log line, in any case
         if queue:  # requests ahead of the refused bytes are answered first, then this
             self._pending_refusal = response
@@ -615,9 +625,14 @@ class _Connection(asyncio.Protocol):
         half-close first and read (and drop) what the sender still sends, until it closes
         or for LINGER_S: closing with unread bytes would reset the connection, and a reset
         can destroy replies the sender has not read yet (an early 413, say)."""
+        self._closing = True  # no request is taken from here on
         transport = self._transport
         if transport is None or transport.is_closing() or self._lingering:
             return
+        # whatever ends the transport from here (our close, the sender's EOF during the
+        # linger, TLS's own shutdown), the connection cannot outlive this deadline
+        deadline_s = LINGER_S + self._server.idle_timeout_s
+        self._abort_timer = self._loop.call_later(deadline_s, self.abort)
         if self._eof or not transport.can_write_eof():  # the sender is done; or TLS
             self._close_transport()
             return
@@ -629,13 +644,11 @@ class _Connection(asyncio.Protocol):
         self._loop.call_later(LINGER_S, self._close_transport)
 
     def _close_transport(self) -> None:
-        """Close; abort if the sender does not read the replies within idle_timeout_s (a
-        closing transport waits for its buffer to drain)."""
+        """Close (a closing transport waits for its buffer to drain, within the deadline
+        `_close_now` armed)."""
         transport = self._transport
         if transport is not None and not transport.is_closing():
             transport.close()
-            if transport.get_write_buffer_size():
-                self._loop.call_later(self._server.idle_timeout_s, self.abort)
 
     def abort(self) -> None:
         if self._transport is not None and not self.closed:

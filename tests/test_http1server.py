@@ -712,3 +712,77 @@ async def test_a_read_of_many_tiny_requests_is_taken_only_in_part(harness: Harne
     assert statuses == [202] * MAX_QUEUED + [429]
     assert [r.status for r in harness.refused] == [429]
     writer.close()
+
+
+async def test_a_pipelined_head_after_chunk_framing_in_one_read_is_no_431(
+    harness: Harness,
+) -> None:
+    """(review 4) A read holding ~70 KB of chunk framing and the start of the next head:
+    the framing is no part of that head."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(b"POST /a HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.write(b"1\r\na\r\n" * 14_000 + b"0\r\n\r\n" + b"POST /b HTTP/1.1\r\nHost: relay\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.write(b"Content-Length: 2\r\n\r\n{}")
+    assert (await read_reply(reader))[0] == 202
+    assert (await read_reply(reader))[0] == 202
+    assert harness.refused == []
+
+
+async def test_a_sender_half_closing_during_the_linger_cannot_outlive_the_deadline() -> None:
+    """(review 4) A closing connection whose replies are unread is aborted in the end, even
+    when the sender half-closes while it lingers (asyncio then closes the transport)."""
+    big = b"x" * (16 << 20)
+
+    async def large(request: Request) -> Response:
+        return Response(200, big)
+
+    harness = Harness()
+    await harness.start(large, idle_timeout_s=0.5)
+    assert harness.server is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", harness.port))
+        sock.send(b"GET / HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+        await eventually(lambda: any(c._lingering for c in harness.server.connections))
+        sock.shutdown(socket.SHUT_WR)  # and never reads
+        await eventually(lambda: not harness.server.connections, timeout_s=4)
+    finally:
+        sock.close()
+        await harness.server.close(1.0)
+
+
+async def test_a_head_begun_late_in_the_idle_time_gets_its_own_idle_timeout(
+    harness: Harness,
+) -> None:
+    """A pooled connection reused just before its idle deadline: the head's time starts
+    with its first byte, so a head that takes a moment is not a 408."""
+    await harness.start(idle_timeout_s=0.5)
+    reader, writer = await harness.connect()
+    writer.write(post("/a", b"{}"))
+    assert (await read_reply(reader))[0] == 202
+    await asyncio.sleep(0.4)  # pacing the sender, not waiting for the server
+    request = post("/b", b"{}")
+    writer.write(request[:20])
+    await asyncio.sleep(0.2)
+    writer.write(request[20:])
+    assert (await read_reply(reader))[0] == 202
+    writer.close()
+
+
+async def test_bytes_after_a_request_that_closes_are_ignored(harness: Harness) -> None:
+    """After `Connection: close`, what else the sender wrote is no request: no refusal is
+    logged for it, and the reply goes out as usual (RFC 9112, 9.6)."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(post("/a", b"{}", "Connection: close") + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, _ = await read_reply(reader)
+    assert (status, headers["connection"]) == (202, "close")
+    assert await closed(reader)
+    assert harness.refused == []
