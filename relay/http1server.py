@@ -5,8 +5,10 @@ it accepts connections, parses requests with httptools (llhttp, Node.js's parser
 one aiohttp's server uses too), enforces the limits of a request head, hands each
 request to one handler as soon as its head is in (its body follows as it arrives),
 writes the handler's `Response` back in order, keeps connections alive, closes those
-idle for `idle_timeout_s` (including senders that never finish a head), and on `close`
-stops accepting and lets requests under way finish. It knows nothing of sources or the
+idle for `idle_timeout_s` (a head begun and not finished in that time is a 408), ends a
+connection with a lingering half-close, and on `close` stops accepting and lets requests
+under way finish. Whatever it refuses (a malformed or oversized head, a broken body)
+goes to `on_refused` for the reply and the log line. It knows nothing of sources or the
 journal. It stands where aiohttp's `web.Server` stood for inbound webhooks: that server
 path cost ~34 µs of CPU per request here against ~7 µs for this (a canned reply: 27-30k
 against 145-160k requests/s on one core), and it was a third of relay's cost per event.
