@@ -322,9 +322,7 @@ class _Connection(asyncio.Protocol):
             return
         if self._refusal is not None:
             return  # a reply is due before the close: read (so that the close sends no RST), drop
-        in_head, messages = self._head_bytes >= 0, self._messages
-        in_body = self._body is not None and not in_head
-        between = not in_head and self._body is None  # the read begins with the next message
+        in_head, in_body, messages = self._head_bytes >= 0, self._body is not None, self._messages
         self._read_body_bytes = 0
         try:
             self._parser.feed_data(data)
@@ -342,25 +340,31 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as error:
             self._refuse(self._refusal or Refused(400, f"malformed request: {_error_text(error)}"))
             return
+        self._bound_unparsed(len(data), in_head, in_body and not in_head, messages)
+
+    def _bound_unparsed(self, read_bytes: int, in_head: bool, in_body: bool, messages: int) -> None:
+        """Bound what httptools gathers across reads before it calls back: a head's fields
+        and a trailer's, chunk framing. `in_head`, `in_body`, `messages`: the state before
+        this read."""
         if messages != self._messages:  # a head begun in this read, and not complete
             if self._head_bytes >= 0:
                 # the whole read, when it holds only this head; else what is known exactly
                 # (the fields complete so far): the bytes of the messages before it in this
                 # read are not known, and a guess can refuse a good head (a false 431)
-                alone = between and messages + 1 == self._messages
-                self._head_bytes = len(data) if alone else self._head_size
+                alone = not in_head and not in_body and messages + 1 == self._messages
+                self._head_bytes = read_bytes if alone else self._head_size
                 if self._head_bytes > MAX_HEAD_BYTES:
                     self._refuse(Refused(431, f"request head over {MAX_HEAD_BYTES} bytes"))
             return
         if in_head and self._head_bytes >= 0:
             # a head under way before and after this read: a field httptools is still
             # gathering is bounded here (complete fields are also counted as they come)
-            self._head_bytes += len(data)
+            self._head_bytes += read_bytes
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse(Refused(431, f"request head over {MAX_HEAD_BYTES} bytes"))
         elif in_body and self._body is not None and not self._read_body_bytes:
             # chunk framing and trailers only: httptools gathers a trailer field whole
-            self._bodiless_bytes += len(data)
+            self._bodiless_bytes += read_bytes
             if self._bodiless_bytes > MAX_HEAD_BYTES:
                 self._refuse(Refused(431, f"chunk framing or trailers over {MAX_HEAD_BYTES} bytes"))
 
