@@ -22,7 +22,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -235,7 +235,8 @@ class Inbound:
             self._count(source, "handshake")
             return response
         check_length(request, source)
-        body = await read_body(request, source.max_body_bytes, routing.config.server.read_timeout_s)
+        read_timeout_s = routing.config.server.read_timeout_s
+        body = await read_body(request.body, source.max_body_bytes, read_timeout_s)
         received_ms = time.time_ns() // 1_000_000
         verdict = check_signature(request, source, body, received_ms / 1000)
         event_id = ids.event_id(received_ms)
@@ -459,9 +460,19 @@ def _peer_allowed(remote: str | None, source: SourceConfig) -> bool:
     return any(peer in network for network in source.allow_from)
 
 
-async def read_body(request: Request, max_body_bytes: int, timeout_s: float) -> bytes:
+class BodySource(Protocol):
+    """A request body as it arrives: `http1server.Body`, or `_AdminBody` over aiohttp's."""
+
+    @property
+    def complete(self) -> bool: ...
+
+    def take(self) -> bytes: ...
+
+    async def read(self) -> bytes: ...
+
+
+async def read_body(body: BodySource, max_body_bytes: int, timeout_s: float) -> bytes:
     """The whole body within `timeout_s` (408) and `max_body_bytes` (413)."""
-    body = request.body
     if body.complete:  # the usual small webhook: it all came with the head
         data = body.take()
         if len(data) > max_body_bytes:
@@ -478,42 +489,28 @@ async def read_body(request: Request, max_body_bytes: int, timeout_s: float) -> 
                 chunks.append(chunk)
     except TimeoutError:
         raise Rejected(408, f"body not received within read_timeout {timeout_s:g}s") from None
-    except ConnectionError as error:
-        raise Rejected(400, f"could not read body: {error}") from None
-    except Refused as refused:  # the body's framing broke (a bad chunk): the connection ends
-        raise Rejected(refused.status, refused.reason) from None
-    return b"".join(chunks)
-
-
-async def _read_admin_body(
-    request: web.BaseRequest, max_body_bytes: int, timeout_s: float
-) -> bytes:
-    """The whole body within `timeout_s` (408) and `max_body_bytes` (413)."""
-    content = request.content
-    if content.is_eof():  # the usual small webhook: it all came with the headers
-        body = content.read_nowait()
-        if len(body) > max_body_bytes:
-            raise Rejected(413, f"body exceeds max_body {max_body_bytes} bytes")
-        return body
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                chunk = await request.content.read(READ_CHUNK_BYTES)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > max_body_bytes:
-                    raise Rejected(413, f"body exceeds max_body {max_body_bytes} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise Rejected(408, f"body not received within read_timeout {timeout_s:g}s") from None
-    except HTTPException as error:  # aiohttp's own limits
-        raise Rejected(error.status, error.reason) from None
     except (ConnectionError, RequestPayloadError, ValueError) as error:
         raise Rejected(400, f"could not read body: {error}") from None
+    except (Refused, HTTPException) as refused:  # broken framing, or aiohttp's own limits
+        raise Rejected(refused.status, refused.reason or "") from None
     return b"".join(chunks)
+
+
+class _AdminBody:
+    """An admin request's body (aiohttp's stream) as a `BodySource`."""
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        self._content = request.content
+
+    @property
+    def complete(self) -> bool:
+        return self._content.is_eof()
+
+    def take(self) -> bytes:
+        return self._content.read_nowait()
+
+    async def read(self) -> bytes:
+        return await self._content.read(READ_CHUNK_BYTES)
 
 
 ADMIN_BODY_BYTES = 64 * 1024
@@ -564,7 +561,7 @@ async def _admin_api(api: AdminApi, request: web.BaseRequest) -> web.StreamRespo
     body = b""
     if request.method not in ("GET", "HEAD"):
         try:
-            body = await _read_admin_body(request, ADMIN_BODY_BYTES, ADMIN_READ_TIMEOUT_S)
+            body = await read_body(_AdminBody(request), ADMIN_BODY_BYTES, ADMIN_READ_TIMEOUT_S)
         except Rejected as rejected:
             return _json(rejected.status, {"error": rejected.public})
     try:
