@@ -554,3 +554,14 @@ async def test_reload_command_prints_the_daemons_answer(
         code, out, _ = await relay_cli("reload", "-c", str(config), "--json")
         assert orjson.loads(out) == answer
     assert (await api(daemon, "GET", "/api/reload"))[0] == 405
+
+
+async def test_an_admin_body_over_its_limit_is_a_413(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """The admin API reads at most 64 KiB of a request body: beyond, a 413 with a reason."""
+    daemon = await daemons(one_target(tmp_path, "log:"))
+    status, answer, _ = await api(daemon, "POST", "/api/replay", {"ids": ["x" * 70_000]})
+    assert status == 413
+    assert answer == {"error": "body exceeds max_body 65536 bytes"}
+    assert await daemon.ready() == 200
