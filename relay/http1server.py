@@ -39,7 +39,6 @@ MAX_QUEUED = 64  # requests parsed ahead of their turn at most; beyond, the rest
 LINGER_S = 1.0  # after a reply sent before its body arrived: discard the rest this long
 
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
-_CLOSE_HEADERS = (b"Content-Length", b"Connection")
 
 
 class Refused(Exception):
@@ -179,7 +178,12 @@ class Request:
         self.keep_alive = keep_alive
         self.http_1_0 = False  # an HTTP/1.0 request kept alive is told so in the reply
         length = headers.get("Content-Length")
-        self.content_length = int(length) if length is not None and length.isdigit() else None
+        # llhttp has checked the digits; leading zeros stripped (int() refuses > 4300 digits)
+        self.content_length = (
+            int(length.lstrip("0") or "0")
+            if length is not None and length.isascii() and length.isdigit()
+            else None
+        )
 
     @property
     def query(self) -> MultiDict[str]:
@@ -285,7 +289,7 @@ class _Connection(asyncio.Protocol):
         self._upgrade_stop = False  # llhttp stopped at an Upgrade head (see data_received)
         self._unframed_bytes = 0  # of that request's body, still to come
         self._eof = False  # the sender half-closed: answer what it sent, then close
-        self._pending_refusal: Response | None = None  # sent once the queue is answered
+        self._pending_refusal: Refused | None = None  # answered (and logged) after the queue
         self._lingering = False  # half-closed after the last reply; reads are dropped
         self._head_size = 0  # bytes of the head parsed so far (target and complete fields)
         self._messages = 0  # heads begun (a read that begins one does not count toward it)
@@ -338,7 +342,7 @@ class _Connection(asyncio.Protocol):
             self._feed_unframed(data[offset:])
             return
         except httptools.HttpParserError as error:
-            self._refuse(self._refusal or Refused(400, f"malformed request: {_error_text(error)}"))
+            self._refuse(self._refusal or _parse_failure(error))
             return
         self._bound_unparsed(len(data), in_head, in_body and not in_head, messages)
 
@@ -521,7 +525,9 @@ class _Connection(asyncio.Protocol):
                 queue.clear()  # requests behind one that closed the connection are not taken
         refusal, self._pending_refusal = self._pending_refusal, None
         if refusal is not None and self._transport is not None and not (ended or self.closed):
-            self._transport.write(serialize(refusal, keep_alive=False))  # after those ahead
+            # logged only now: after a reply that closed the connection it is never sent
+            response = self._server.refusal(self._remote, refusal)
+            self._transport.write(serialize(response, keep_alive=False))  # after those ahead
             self._closing = True
             self._close_now()
         self._task = None
@@ -568,10 +574,11 @@ class _Connection(asyncio.Protocol):
             queue.pop()  # a request waiting its turn whose body broke: refused below
         if queue and not queue[-1].keep_alive:
             return  # bytes after a request that closes the connection: ignored (RFC 9112 9.6)
-        response = self._server.refusal(self._remote, refused)  # the log line, in any case
         if queue:  # requests ahead of the refused bytes are answered first, then this
-            self._pending_refusal = response
-        elif self._transport is not None:
+            self._pending_refusal = refused
+            return
+        response = self._server.refusal(self._remote, refused)  # the log line, in any case
+        if self._transport is not None:
             self._transport.write(serialize(response, keep_alive=False))
             self._close_now()
         # what comes meanwhile is read and dropped (data_received)
@@ -659,6 +666,15 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         if self._transport is not None and not self.closed:
             self._transport.abort()
+
+
+def _parse_failure(error: httptools.HttpParserError) -> Refused:
+    """What llhttp refused (a 400); or a bug in a parser callback (a 500, with its cause,
+    which `on_refused` logs with the traceback: it runs while the error is handled)."""
+    cause = error.__context__
+    if isinstance(error, httptools.HttpParserCallbackError) and cause is not None:
+        return Refused(500, f"internal error in the HTTP layer: {cause!r}")
+    return Refused(400, f"malformed request: {_error_text(error)}")
 
 
 def _error_text(error: BaseException) -> str:

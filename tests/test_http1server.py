@@ -16,6 +16,7 @@ from unittest.mock import ANY
 import orjson
 import pytest
 
+from relay import http1server
 from relay.http1server import (
     MAX_HEAD_BYTES,
     MAX_QUEUED,
@@ -647,7 +648,8 @@ async def test_more_garbage_after_a_refusal_does_not_cut_the_reply_under_way(
     writer.write(post("/a", b"{}"))
     await eventually(lambda: harness.seen)
     writer.write(b"NOT HTTP\r\n\r\n")
-    await eventually(lambda: harness.refused)
+    assert harness.server is not None  # the refusal is logged when it is sent, after the 202
+    await eventually(lambda: any(c._refusal for c in harness.server.connections))
     writer.write(b"more\r\n")
     await writer.drain()
     gate.set()
@@ -786,3 +788,50 @@ async def test_bytes_after_a_request_that_closes_are_ignored(harness: Harness) -
     assert (status, headers["connection"]) == (202, "close")
     assert await closed(reader)
     assert harness.refused == []
+
+
+async def test_a_refusal_behind_a_reply_that_closes_is_not_logged(harness: Harness) -> None:
+    """Bad bytes pipelined behind a request whose reply closes the connection (a 413 from
+    the handler) are never answered: no refusal is logged or counted for them."""
+
+    async def too_big(request: Request) -> Response:
+        return Response(413, b"{}", close=True)
+
+    await harness.start(too_big)
+    reader, writer = await harness.connect()
+    writer.write(post("/a", b"{}") + b"BAD\r\n\r\n")
+    status, headers, _ = await read_reply(reader)
+    assert (status, headers["connection"]) == (413, "close")
+    assert await closed(reader)
+    assert harness.refused == []
+
+
+async def test_a_content_length_with_many_leading_zeros_is_taken(harness: Harness) -> None:
+    """1*DIGIT (RFC 9110): leading zeros are allowed; Python's int() refuses > 4300 digits."""
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"0" * 5000 + b"2\r\n\r\n{}")
+    status, _, _ = await read_reply(reader)
+    assert status == 202
+    assert harness.bodies == [b"{}"]
+    assert harness.seen[0].content_length == 2
+
+
+async def test_a_bug_in_a_parser_callback_is_a_500_not_a_bad_request(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error inside the server's own parsing code is reported as what it is
+    (a 500 naming it, through `on_refused` for the log), not blamed on the sender."""
+
+    def broken(target: bytes) -> tuple[str, str]:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(http1server, "_split_target", broken)
+    await harness.start()
+    reader, writer = await harness.connect()
+    writer.write(post("/a", b"{}"))
+    status, _, body = await read_reply(reader)
+    assert status == 500
+    assert "RuntimeError('bug')" in orjson.loads(body)["error"]
+    assert [r.status for r in harness.refused] == [500]
+    writer.close()
