@@ -15,6 +15,8 @@ from unittest.mock import ANY
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from relay import http1server
 from relay.http1server import (
@@ -835,3 +837,59 @@ async def test_a_bug_in_a_parser_callback_is_a_500_not_a_bad_request(
     assert "RuntimeError('bug')" in orjson.loads(body)["error"]
     assert [r.status for r in harness.refused] == [500]
     writer.close()
+
+
+@st.composite
+def pipelines(draw: st.DrawFn) -> tuple[list[bytes], list[bytes]]:
+    """A few requests (Content-Length or chunked, some with trailers), as their bodies and
+    as the bytes of the whole pipeline."""
+    bodies: list[bytes] = []
+    wire: list[bytes] = []
+    for n in range(draw(st.integers(1, 5))):
+        body = draw(st.binary(max_size=3000))
+        head = f"POST /r{n} HTTP/1.1\r\nHost: relay\r\n"
+        if draw(st.booleans()):
+            wire.append(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        else:
+            cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=4)))
+            parts = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+            chunks = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts if p)
+            trailer = b"X-T: 1\r\n" if draw(st.booleans()) else b""
+            wire.append(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + chunks)
+            wire.append(b"0\r\n" + trailer + b"\r\n")
+        bodies.append(body)
+    return bodies, wire
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pipeline=pipelines(), cuts=st.lists(st.integers(1, 400), max_size=12))
+def test_any_cut_of_a_pipeline_into_reads_gets_each_reply_in_order(
+    pipeline: tuple[list[bytes], list[bytes]], cuts: list[int]
+) -> None:
+    """However the bytes of pipelined requests are cut into reads, each request reaches the
+    handler with its exact body, and its reply comes back in order, keeping the connection."""
+    bodies, wire = pipeline
+    data = b"".join(wire)
+
+    async def exchange() -> tuple[list[bytes], list[int]]:
+        harness = Harness()
+        await harness.start()
+        reader, writer = await harness.connect()
+        at = 0
+        for size in cuts:
+            writer.write(data[at : at + size])
+            await writer.drain()
+            at += size
+        writer.write(data[at:])
+        replies = [await read_reply(reader) for _ in bodies]
+        writer.close()
+        assert harness.server is not None
+        await harness.server.close(1.0)
+        assert not harness.refused
+        assert [r.path for r in harness.seen] == [f"/r{n}" for n in range(len(bodies))]
+        assert all("connection" not in headers for _, headers, _ in replies)
+        return harness.bodies, [orjson.loads(body)["bytes"] for _, _, body in replies]
+
+    received, lengths = asyncio.run(exchange())
+    assert received == bodies
+    assert lengths == [len(body) for body in bodies]
