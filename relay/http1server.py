@@ -167,6 +167,7 @@ class Request:
         remote: str | None,
         body: Body,
         keep_alive: bool,
+        http_1_0: bool,
     ) -> None:
         self.method = method
         self.path = path
@@ -176,7 +177,7 @@ class Request:
         self.remote = remote
         self.body = body
         self.keep_alive = keep_alive
-        self.http_1_0 = False  # an HTTP/1.0 request kept alive is told so in the reply
+        self.http_1_0 = http_1_0  # kept alive, such a request is told so in the reply
         length = headers.get("Content-Length")
         # llhttp has checked the digits; leading zeros stripped (int() refuses > 4300 digits)
         self.content_length = (
@@ -336,7 +337,6 @@ class _Connection(asyncio.Protocol):
             # the body is counted here.
             self._upgrade_stop = True
             if self._task is None:  # nothing was taken (a reply already closed it)
-                self._closing = True
                 self._close_now()
             offset = upgrade.args[0] if upgrade.args else len(data)
             self._feed_unframed(data[offset:])
@@ -381,7 +381,6 @@ class _Connection(asyncio.Protocol):
         if self._body is not None:
             self._body.fail(ConnectionResetError("the sender closed the connection"))
         if self._task is None:
-            self._closing = True
             self._close_now()
         # TLS cannot stay half-open (asyncio warns if asked to): it closes as before
         return self._transport is not None and self._transport.get_extra_info("sslcontext") is None
@@ -448,6 +447,7 @@ class _Connection(asyncio.Protocol):
             self._remote,
             body,
             parser.should_keep_alive(),
+            http_1_0,
         )
         headers = request.headers
         hosts = len(headers.getall("Host", ()))
@@ -461,7 +461,6 @@ class _Connection(asyncio.Protocol):
         body.expects_continue = (
             expect is not None and not http_1_0 and expect.lower() == "100-continue"
         )
-        request.http_1_0 = http_1_0
         if parser.should_upgrade():  # llhttp will skip the body; data_received reads it
             if "Transfer-Encoding" in headers:
                 self._fail_parse(Refused(400, "a chunked body with Upgrade is not supported"))
@@ -528,7 +527,6 @@ class _Connection(asyncio.Protocol):
             # logged only now: after a reply that closed the connection it is never sent
             response = self._server.refusal(self._remote, refusal)
             self._transport.write(serialize(response, keep_alive=False))  # after those ahead
-            self._closing = True
             self._close_now()
         self._task = None
         if self.closed:
@@ -551,7 +549,6 @@ class _Connection(asyncio.Protocol):
         self._transport.write(serialize(response, keep_alive, head_only, request.http_1_0))
         if keep_alive:
             return False
-        self._closing = True
         self._close_now()  # the rest of an unread body, if any, is read and dropped a while
         return True
 
@@ -630,7 +627,6 @@ class _Connection(asyncio.Protocol):
 
     def close_if_idle(self) -> None:
         if self._task is None:
-            self._closing = True
             self._close_now()
 
     def _close_now(self) -> None:
