@@ -204,14 +204,14 @@ def peer_scenario(seconds: int) -> Result:
             return run_wrk(f"http://127.0.0.1:{port}/hooks/github", script, seconds)
 
 
-def relay_config(folder: Path, port: int, target_url: str, mix: bool) -> Path:
+def relay_config(folder: Path, port: int, target_url: str, mix: bool, sync: str = "full") -> Path:
     events = (
         [e for e, _ in Counter(ev for _, ev in corpus_requests()).most_common(20)]
         if mix else ["push"]
     )  # fmt: skip
     lines = [
         "[server]", f'listen = "127.0.0.1:{port}"', f'admin = "127.0.0.1:{port + 1}"',
-        f'journal = "{folder / "relay.db"}"', 'sync = "full"', "[log]", 'format = "json"',
+        f'journal = "{folder / "relay.db"}"', f'sync = "{sync}"', "[log]", 'format = "json"',
         'level = "warning"', "[sources.github]",
         f'verify = {{ scheme = "github", secret = "{SECRET}" }}', 'max_body = "1MiB"',
         "[targets.sink]", f'url = "{target_url}"', "concurrency = 16",
@@ -224,11 +224,11 @@ def relay_config(folder: Path, port: int, target_url: str, mix: bool) -> Path:
     return path
 
 
-def ingest_scenario(seconds: int, *, mix: bool) -> Result:
+def ingest_scenario(seconds: int, *, mix: bool, sync: str = "full") -> Result:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        config = relay_config(folder, port, "http://127.0.0.1:9/refused", mix)
+        config = relay_config(folder, port, "http://127.0.0.1:9/refused", mix, sync)
         requests = corpus_requests() if mix else [(ONE_KIB_BODY, "push")]
         script = lua_script(folder, requests)
         with process(
