@@ -38,6 +38,7 @@ from relay.journal import (
 from relay.model import Config
 from relay.rules import rfc3339_ms
 from relay.tail import Subscription, Tail
+from relay.text import json_bytes
 
 if TYPE_CHECKING:
     from relay.delivery import Deliverer
@@ -448,7 +449,7 @@ def sse_frame(record: Mapping[str, Any]) -> bytes:
     """One Server-Sent Events record; `at` (when it was sent) is added when missing."""
     fields = dict(record)
     fields.setdefault("at", rfc3339_ms(_now_ms()))
-    return b"data: " + orjson.dumps(fields) + b"\n\n"
+    return b"data: " + json_bytes(fields) + b"\n\n"
 
 
 def _allow(method: str, allowed: str, path: str) -> None:

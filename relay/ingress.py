@@ -39,6 +39,7 @@ from relay.policy import TokenBucket, retry_after_header
 from relay.rules import BodyError, RouteSet, order_key, request_document
 from relay.signing import Verdict, verify
 from relay.tail import Subscription, Tail
+from relay.text import json_bytes, json_text, storable
 
 log = logs.get_logger()
 
@@ -107,7 +108,7 @@ class Rejected(Exception):
 def _reply(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> Response:
     """A JSON reply on the inbound listener."""
     pairs = [*headers.items(), ("Content-Type", JSON_TYPE)] if headers else _JSON_HEADERS
-    return Response(status, orjson.dumps(payload), pairs)
+    return Response(status, json_bytes(payload), pairs)
 
 
 _JSON_HEADERS = (("Content-Type", JSON_TYPE),)
@@ -242,7 +243,7 @@ class Inbound:
         event_id = ids.event_id(received_ms)
         headers = request.header_pairs
         if not "".join(request.headers.values()).isascii():  # one check for all of them
-            headers = [(name, text_safe(value)) for name, value in headers]
+            headers = [(name, storable(value)) for name, value in headers]
         try:
             document = request_document(
                 event_id=event_id,
@@ -363,14 +364,6 @@ def _journal_failed(event: NewEvent, error: JournalError) -> Rejected:
     )
 
 
-def text_safe(text: str) -> str:
-    """`text` as storable UTF-8: bytes that were not UTF-8 (kept by the parser as surrogates)
-    become U+FFFD, so that a Latin-1 header value cannot break the journal write."""
-    if text.isascii():
-        return text
-    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-
-
 def check_signature(
     request: Request, source: SourceConfig, body: bytes, now_s: float
 ) -> Verdict | None:
@@ -404,7 +397,7 @@ def dedupe_key(
         value = verdict.delivery_id if verdict is not None else None
     if value is None or value == "":
         return None
-    return text_safe(value if isinstance(value, str) else orjson.dumps(value).decode())
+    return storable(value) if isinstance(value, str) else json_text(value)
 
 
 def is_slack_challenge(document: Mapping[str, Any]) -> bool:

@@ -28,6 +28,7 @@ import aiosqlite
 import orjson
 
 from relay.ids import ulid_floor
+from relay.text import json_text
 
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000
@@ -383,14 +384,14 @@ def _insert_events(conn: sqlite3.Connection, events: Sequence[NewEvent]) -> None
         [
             (
                 e.id, e.source, e.received_at_ms, e.method, e.path, e.query, e.status,
-                e.dedupe_key, orjson.dumps(e.routes).decode(),
+                e.dedupe_key, json_text(e.routes),
             )
             for e in events
         ],
     )  # fmt: skip
     conn.executemany(
         "INSERT INTO payloads (event_id, headers, body) VALUES (?,?,?)",
-        [(e.id, orjson.dumps(e.headers).decode(), e.body) for e in events],
+        [(e.id, json_text(e.headers), e.body) for e in events],
     )
     conn.executemany(
         "INSERT INTO deliveries (id, event_id, route, target, status, attempts,"

@@ -26,6 +26,8 @@ from typing import Any, BinaryIO, TextIO
 import orjson
 import structlog
 
+from relay.text import storable_value
+
 LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -87,22 +89,8 @@ class _PrefixedJSON:
         try:
             line = orjson.dumps(event_dict, default=str)
         except TypeError:  # a string with lone surrogates (bytes a sender sent, not UTF-8)
-            line = orjson.dumps(_storable(dict(event_dict)), default=str)
+            line = orjson.dumps(storable_value(dict(event_dict)), default=str)
         return line if priority is None else b"<%d>" % priority + line
-
-
-def _storable(value: Any) -> Any:
-    """`value` with every string made valid UTF-8 (lone surrogates become U+FFFD)."""
-    if isinstance(value, str):
-        try:  # a byte that was not UTF-8, kept as a surrogate: one U+FFFD
-            return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        except UnicodeEncodeError:  # a lone surrogate of another kind (from JSON, say)
-            return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-    if isinstance(value, dict):
-        return {_storable(key): _storable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_storable(item) for item in value]
-    return value
 
 
 class LineWriter:

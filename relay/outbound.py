@@ -14,12 +14,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import orjson
 from multidict import CIMultiDict
 
 from relay.model import RouteConfig, SourceConfig, TargetConfig, VerifyConfig
 from relay.rules import BodyError, request_document
 from relay.signing import sign
+from relay.text import json_bytes
 
 # Headers that frame a request on its connection: the HTTP client writes its own, so a
 # config may not set them (relay.config) and the client never takes them from a caller.
@@ -108,7 +108,7 @@ def transform_body(
             received_at_ms=request.received_at_ms,
             max_body_bytes=source.max_body_bytes if source else DECODE_LIMIT_BYTES,
         )
-        return orjson.dumps(route.transform.search(document))
+        return json_bytes(route.transform.search(document))
     except BodyError as error:
         raise TransformError(f"transform input: {error}") from None
     except Exception as error:  # noqa: BLE001 - whatever a transform raises kills the delivery

@@ -25,6 +25,8 @@ import jmespath.functions
 import jmespath.parser
 import orjson
 
+from relay.text import json_text, storable
+
 if TYPE_CHECKING:
     from relay.model import RouteConfig, TargetConfig
 
@@ -63,7 +65,7 @@ class RelayFunctions(jmespath.functions.Functions):
             raise ValueError(f"format: {len(parts) - 1} placeholders but {len(args)} arguments")
         out = [parts[0]]
         for arg, part in zip(args, parts[1:], strict=True):
-            out.append(arg if isinstance(arg, str) else orjson.dumps(arg).decode())
+            out.append(arg if isinstance(arg, str) else json_text(arg))
             out.append(part)
         return "".join(out)
 
@@ -138,7 +140,7 @@ def _decide_one(route: RouteConfig, filter_: Any, document: Mapping[str, Any]) -
     try:
         matched = is_truthy(filter_.search(document, options=OPTIONS))
     except Exception as error:  # noqa: BLE001 - any failure in a filter is "no match"
-        return RouteDecision(route.name, False, f"{type(error).__name__}: {error}")
+        return RouteDecision(route.name, False, storable(f"{type(error).__name__}: {error}"))
     return RouteDecision(route.name, matched, None)
 
 
@@ -261,10 +263,7 @@ def order_key(target: TargetConfig, document: Mapping[str, Any]) -> str | None:
         value = target.order_key.search(document)
     except Exception:  # noqa: BLE001 - a key that cannot be computed is the null group
         value = None
-    if not isinstance(value, str):
-        return orjson.dumps(value).decode()
-    # A lone surrogate (valid JSON, "\ud800") cannot be stored as UTF-8: replace it.
-    return value if value.isascii() else value.encode("utf-8", "replace").decode("utf-8")
+    return storable(value) if isinstance(value, str) else json_text(value)
 
 
 def header_key(name: str) -> str:

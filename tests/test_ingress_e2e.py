@@ -288,6 +288,42 @@ async def test_undecodable_headers_and_lone_surrogates_do_not_break_the_journal(
     assert status == 202
     assert daemon.query("SELECT count(*) FROM events") == [(3,)]
     assert await daemon.ready() == 200
+    stored = [orjson.loads(h) for (h,) in daemon.query("SELECT headers FROM payloads")]
+    assert ["X-Name", "caf\ufffd\ufffd"] in stored[0]  # one U+FFFD for each byte
+
+
+async def test_text_with_lone_surrogates_is_stored_with_replacement_characters(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """Valid JSON carrying a lone surrogate reaches the journal with U+FFFD in its place
+    wherever relay stores text derived from it: a filter's error (a 202, not a 503 for
+    every retry) and a dedupe key computed from an object (not a 500)."""
+    daemon = await daemons(
+        server_toml(tmp_path)
+        + """
+[sources.app]
+dedupe = { key = "body.id" }
+[targets.console]
+url = "log:"
+[[routes]]
+name = "big"
+source = "app"
+filter = "abs(body.amount) > `100`"
+targets = ["console"]
+"""
+    )
+    status, reply, _ = await daemon.post("/hooks/app", b'{"amount": "\\ud800"}')
+    assert (status, reply["deliveries"]) == (202, 0)
+    (routes,) = daemon.query("SELECT routes FROM events WHERE id = ?", (reply["id"],))[0]
+    [decision] = orjson.loads(routes)
+    assert decision["matched"] is False
+    assert "\ufffd" in decision["error"]
+    first = await daemon.post("/hooks/app", b'{"id": {"k": "\\ud800"}, "amount": 500}')
+    again = await daemon.post("/hooks/app", b'{"id": {"k": "\\ud800"}, "amount": 500}')
+    assert (first[0], again[0], again[1]["id"]) == (202, 200, first[1]["id"])
+    assert daemon.query("SELECT dedupe_key FROM events WHERE id = ?", (first[1]["id"],)) == [
+        ('{"k":"\ufffd"}',)
+    ]
 
 
 async def test_a_failing_journal_does_not_make_a_lane_resend_in_a_loop(

@@ -211,6 +211,14 @@ async def test_provider_handshakes_are_answered_and_not_journaled(
         200,
         {"challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"},
     )
+    odd = b'{"type": "url_verification", "challenge": "abc\\ud800"}'  # valid JSON
+    signature = slack_sdk.signature.SignatureVerifier(SLACK_SECRET).generate_signature(
+        timestamp=now, body=odd.decode()
+    )
+    status, reply, _ = await daemon.post(
+        "/hooks/slack", odd, {"X-Slack-Signature": signature, "X-Slack-Request-Timestamp": now}
+    )
+    assert (status, reply) == (200, {"challenge": "abc\ufffd"})  # not a 500
     query = {"hub.mode": "subscribe", "hub.verify_token": META_TOKEN, "hub.challenge": "1158201444"}
     async with aiohttp.ClientSession() as session:
         async with session.get(daemon.url("/hooks/meta"), params=query) as response:
