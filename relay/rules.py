@@ -11,6 +11,7 @@ network, no SQL, no clock.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import urllib.parse
@@ -307,12 +308,34 @@ def is_json_type(content_type: str) -> bool:
     return kind == "application/json" or kind.endswith("+json")
 
 
-def _parse_json_slowly(data: bytes, error: orjson.JSONDecodeError) -> Any:
-    """Valid JSON that orjson refuses (integers beyond 64 bits) still parses; else BodyError."""
+# An integer orjson would turn into a float: at least 19 digits (2**63 has 19). Digits in
+# strings match too; their body then merely takes the exact parser, with the same result.
+_LONG_INTEGER = re.compile(rb"\d{19}")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return number
+
+
+def _parse_json_exactly(data: bytes, orjson_error: str | None) -> Any:
+    """JSON with integers of any size kept exact (orjson makes those beyond 64 bits floats);
+    NaN, Infinity and numbers beyond a double's range refused. Else BodyError."""
     try:
-        return json.loads(data)
-    except (ValueError, RecursionError):
-        raise BodyError(f"body is not valid JSON: {error}") from None
+        return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        reason = orjson_error or str(error)
+    except ValueError as error:  # NaN, Infinity, out of range
+        reason = str(error)
+    except RecursionError:
+        reason = orjson_error or "nested too deeply"
+    raise BodyError(f"body is not valid JSON: {reason}")
 
 
 def parse_body(content_type: str, body: bytes) -> Any:
@@ -321,11 +344,12 @@ def parse_body(content_type: str, body: bytes) -> Any:
     if kind == "application/json" or kind.endswith("+json"):  # is_json_type, parsed once
         data = body.removeprefix(b"\xef\xbb\xbf")
         try:
-            return orjson.loads(data)
+            value = orjson.loads(data)
         except orjson.JSONDecodeError as error:
             if not body.strip():  # looked at only now: strip() copies the body
                 return None  # an empty body declared as JSON: no payload, not an error
-            return _parse_json_slowly(data, error)
+            return _parse_json_exactly(data, str(error))
+        return _parse_json_exactly(data, None) if _LONG_INTEGER.search(data) else value
     text = body.decode("utf-8", errors="replace")
     if kind == "application/x-www-form-urlencoded":
         fields: dict[str, Any] = {}

@@ -21,6 +21,7 @@ from relay.rules import (
     normalize_headers,
     parse_body,
 )
+from relay.text import json_bytes
 
 from conftest import CORPUS
 
@@ -387,6 +388,34 @@ def test_invalid_json_raises_body_error_with_one_line(raw: bytes) -> None:
     message = str(raised.value)
     assert message.startswith("body is not valid JSON: ")
     assert "\n" not in message
+
+
+def test_integers_beyond_64_bits_stay_exact_for_filters_and_transforms() -> None:
+    """An id of 20+ digits is the same integer to a filter and in a transform's output
+    (orjson alone would make it a float: 18446744073709551617 -> 1.8446744073709552e+19)."""
+    raw = b'{"id": 18446744073709551617, "low": -9223372036854775809}'
+    body = parse_body("application/json", raw)
+    assert body == {"id": 18446744073709551617, "low": -9223372036854775809}
+    assert compile_expression("id == `18446744073709551617`").search(body) is True
+    assert json_bytes(compile_expression("{id: id}").search(body)) == b'{"id":18446744073709551617}'
+    digits_in_text = b'{"s": "12345678901234567890", "f": 1.5}'
+    assert parse_body("application/json", digits_in_text) == {"s": "12345678901234567890", "f": 1.5}
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"a": NaN}', "NaN is not JSON"),
+        (b'{"a": Infinity}', "Infinity is not JSON"),
+        (b"[-Infinity]", "-Infinity is not JSON"),
+        (b'{"a": 1e400}', "number 1e400 is out of range"),
+    ],
+)
+def test_non_json_numbers_are_refused(raw: bytes, reason: str) -> None:
+    """NaN and Infinity are not JSON, and a number beyond a double's range would silently
+    become null in a transform: each is a 400 naming it, not an accepted event."""
+    with pytest.raises(BodyError, match=f"^body is not valid JSON: {reason}$"):
+        parse_body("application/json", raw)
 
 
 def test_form_body_becomes_an_object_with_repeats_as_lists() -> None:
