@@ -64,6 +64,10 @@ class Step:
     reason: str | None = None
 
 
+# How long before `max_age` runs out the last try is due (see `next_step`).
+LAST_TRY_LEAD_S = 1.0
+
+
 def next_step(
     *,
     outcome: Outcome,
@@ -82,6 +86,11 @@ def next_step(
     429 and 503, so the caller passes it only for those statuses (`retry_after_for`
     does exactly that). It can lengthen the wait, never shorten it below the backoff,
     and is capped at `retry.max_s`; `max_age` and `attempts` still win over it.
+
+    A retry the backoff would put past `max_age` is moved to one last try
+    `LAST_TRY_LEAD_S` before the deadline (so a wake-up a little late still finds the
+    delivery young enough to try); the delivery is dead only when that leaves less than
+    `LAST_TRY_LEAD_S` to wait, or when the target's Retry-After asks for later.
     """
     if outcome is Outcome.DELIVERED:
         return Step(Outcome.DELIVERED)
@@ -89,13 +98,17 @@ def next_step(
         return Step(Outcome.DEAD, reason=failure)
     if attempt >= retry.attempts:
         return Step(Outcome.DEAD, reason=f"gave up after {_attempts(attempt)}: {failure}")
-    delay_s = backoff_s(attempt, retry, jitter)
-    if retry_after_s is not None:
-        delay_s = max(delay_s, min(retry_after_s, retry.max_s))
-    next_at_s = now_s + delay_s
-    if next_at_s > received_at_s + retry.max_age_s:
-        return Step(Outcome.DEAD, reason=f"max_age exceeded after {_attempts(attempt)}: {failure}")
-    return Step(Outcome.RETRY, next_at_s=next_at_s)
+    wait_s = None if retry_after_s is None else min(retry_after_s, retry.max_s)
+    next_at_s = now_s + max(backoff_s(attempt, retry, jitter), wait_s or 0.0)
+    last_try_s = received_at_s + retry.max_age_s - LAST_TRY_LEAD_S
+    if next_at_s <= last_try_s:
+        return Step(Outcome.RETRY, next_at_s=next_at_s)
+    if wait_s is not None and now_s + wait_s > last_try_s:
+        reason = f"Retry-After {retry_after_s:g}s goes past max_age after {_attempts(attempt)}"
+        return Step(Outcome.DEAD, reason=f"{reason}: {failure}")
+    if last_try_s - now_s >= LAST_TRY_LEAD_S:  # the backoff would pass max_age: a last try
+        return Step(Outcome.RETRY, next_at_s=last_try_s)
+    return Step(Outcome.DEAD, reason=f"max_age exceeded after {_attempts(attempt)}: {failure}")
 
 
 def _attempts(count: int) -> str:

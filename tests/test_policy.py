@@ -8,7 +8,15 @@ from __future__ import annotations
 import pytest
 
 from relay.model import RetryConfig
-from relay.policy import Outcome, Step, backoff_s, classify, expired, next_step
+from relay.policy import (
+    LAST_TRY_LEAD_S,
+    Outcome,
+    Step,
+    backoff_s,
+    classify,
+    expired,
+    next_step,
+)
 
 # The documented defaults: attempts = 12, first = "5s", max = "1h", max_age = "3d".
 DEFAULT_RETRY = RetryConfig(attempts=12, first_s=5.0, max_s=3600.0, max_age_s=3 * 86400.0)
@@ -238,9 +246,9 @@ def test_one_attempt_short_of_the_limit_still_retries() -> None:
     assert step == Step(Outcome.RETRY, next_at_s=600.0 + 160.0)
 
 
-def test_dead_when_the_next_attempt_would_fall_beyond_max_age() -> None:
-    """If the next retry would land after `max_age` since arrival, the delivery ends dead now,
-    saying max_age, the attempt count and the last failure."""
+def test_a_retry_beyond_max_age_becomes_one_last_try_before_it() -> None:
+    """If the backoff would put the next retry after `max_age`, the delivery is not given up
+    early with time left: it gets one last try a second before the deadline."""
     retry = RetryConfig(attempts=100, first_s=60.0, max_s=600.0, max_age_s=3600.0)
     # attempt 4 ceiling: 60·8 = 480 s; jitter 0.5 → 240 s; 3500 + 240 > 3600.
     step = next_step(
@@ -252,71 +260,58 @@ def test_dead_when_the_next_attempt_would_fall_beyond_max_age() -> None:
         jitter=0.5,
         failure="HTTP 500 Internal Server Error",
     )
+    assert step == Step(Outcome.RETRY, next_at_s=3600.0 - LAST_TRY_LEAD_S)
+
+
+def test_a_backoff_longer_than_max_age_still_leaves_a_last_try() -> None:
+    """With `first` longer than `max_age` (first = max = 60 s, max_age = 20 s), a failed
+    first attempt is tried once more near the deadline instead of dying at once."""
+    retry = RetryConfig(attempts=10, first_s=60.0, max_s=60.0, max_age_s=20.0)
+    step = next_step(
+        outcome=Outcome.RETRY,
+        attempt=1,
+        retry=retry,
+        received_at_s=100.0,
+        now_s=100.003,
+        jitter=0.7,
+        failure="HTTP 503 Service Unavailable",
+    )
+    assert step == Step(Outcome.RETRY, next_at_s=119.0)
+
+
+def test_dead_when_max_age_is_about_to_pass() -> None:
+    """With less than a second to wait before the last try's time, the delivery ends dead,
+    saying max_age, the attempt count and the last failure."""
+    retry = RetryConfig(attempts=100, first_s=60.0, max_s=600.0, max_age_s=3600.0)
+    step = next_step(
+        outcome=Outcome.RETRY,
+        attempt=5,
+        retry=retry,
+        received_at_s=0.0,
+        now_s=3598.5,
+        jitter=0.5,
+        failure="HTTP 500 Internal Server Error",
+    )
     assert step == Step(
         Outcome.DEAD,
         next_at_s=None,
-        reason="max_age exceeded after 4 attempts: HTTP 500 Internal Server Error",
+        reason="max_age exceeded after 5 attempts: HTTP 500 Internal Server Error",
     )
 
 
-def test_retry_landing_exactly_at_max_age_is_still_scheduled() -> None:
-    """A retry due exactly at arrival + `max_age` is still allowed (only beyond it is dead)."""
+def test_retry_due_before_the_last_try_time_is_kept() -> None:
+    """A retry the backoff puts at or before the last try's time is scheduled unchanged."""
     retry = RetryConfig(attempts=100, first_s=60.0, max_s=600.0, max_age_s=3600.0)
     step = next_step(
         outcome=Outcome.RETRY,
         attempt=4,
         retry=retry,
         received_at_s=100.0,
-        now_s=3460.0,
-        jitter=0.5,  # 240 s → 3700 = 100 + 3600
+        now_s=3459.0,
+        jitter=0.5,  # 240 s → 3699 = 100 + 3600 - 1
         failure="HTTP 500 Internal Server Error",
     )
-    assert step == Step(Outcome.RETRY, next_at_s=3700.0)
-
-
-def test_retry_after_longer_than_backoff_is_honoured() -> None:
-    """A 429 with Retry-After: 120 waits 120 s even though the backoff alone would be 2.5 s."""
-    step = next_step(
-        outcome=Outcome.RETRY,
-        attempt=1,
-        retry=DEFAULT_RETRY,
-        received_at_s=1000.0,
-        now_s=1000.0,
-        jitter=0.5,
-        failure="HTTP 429 Too Many Requests",
-        retry_after_s=120.0,
-    )
-    assert step == Step(Outcome.RETRY, next_at_s=1120.0)
-
-
-def test_retry_after_is_capped_at_max() -> None:
-    """A Retry-After of a day is capped at the target's `max` (1 h)."""
-    step = next_step(
-        outcome=Outcome.RETRY,
-        attempt=1,
-        retry=DEFAULT_RETRY,
-        received_at_s=1000.0,
-        now_s=1000.0,
-        jitter=0.5,
-        failure="HTTP 503 Service Unavailable",
-        retry_after_s=86400.0,
-    )
-    assert step == Step(Outcome.RETRY, next_at_s=1000.0 + 3600.0)
-
-
-def test_retry_after_shorter_than_backoff_does_not_shorten_the_wait() -> None:
-    """A Retry-After: 1 does not make relay retry sooner than its own backoff (40 s here)."""
-    step = next_step(
-        outcome=Outcome.RETRY,
-        attempt=5,
-        retry=DEFAULT_RETRY,
-        received_at_s=1000.0,
-        now_s=2000.0,
-        jitter=0.5,  # attempt 5 ceiling 80 s → 40 s
-        failure="HTTP 429 Too Many Requests",
-        retry_after_s=1.0,
-    )
-    assert step == Step(Outcome.RETRY, next_at_s=2040.0)
+    assert step == Step(Outcome.RETRY, next_at_s=3699.0)
 
 
 def test_retry_after_beyond_max_age_makes_the_delivery_dead() -> None:
@@ -333,7 +328,9 @@ def test_retry_after_beyond_max_age_makes_the_delivery_dead() -> None:
         retry_after_s=900.0,
     )
     assert step.outcome is Outcome.DEAD
-    assert step.reason == "max_age exceeded after 2 attempts: HTTP 503 Service Unavailable"
+    assert step.reason == (
+        "Retry-After 900s goes past max_age after 2 attempts: HTTP 503 Service Unavailable"
+    )
 
 
 def test_attempt_limit_wins_over_retry_after() -> None:
