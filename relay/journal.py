@@ -462,10 +462,14 @@ def _record_attempts(conn: sqlite3.Connection, records: Sequence[AttemptRecord])
          for r in records],
     )  # fmt: skip
     conn.executemany(
-        "UPDATE deliveries SET status = ?1, attempts = ?2, next_at_ms = ?3, last_error = ?4"
         # A retry never revives a delivery made dead meanwhile (its target was removed
-        # while the attempt was in flight): no lane would send it again.
-        " WHERE id = ?5 AND (status = 'pending' OR ?1 != 'pending')",
+        # while the attempt was in flight): no lane would send it again. Its attempt
+        # still counts, so that a replay numbers the next one after it.
+        "UPDATE deliveries SET attempts = max(attempts, ?2),"
+        " status = iif(status = 'pending' OR ?1 != 'pending', ?1, status),"
+        " next_at_ms = iif(status = 'pending' OR ?1 != 'pending', ?3, next_at_ms),"
+        " last_error = iif(status = 'pending' OR ?1 != 'pending', ?4, last_error)"
+        " WHERE id = ?5",
         [(r.outcome, r.n, r.next_at_ms, _last_error(r), r.delivery_id) for r in records],
     )
     stamp = now_ms()

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from relay import ids
-from relay.journal import AttemptRecord, JournalError, NewDelivery, NewEvent, open_journal
+from relay.journal import (
+    AttemptRecord,
+    JournalError,
+    NewDelivery,
+    NewEvent,
+    Replay,
+    open_journal,
+)
 
 
 def new_event(
@@ -141,6 +148,26 @@ async def test_recorded_outcomes_move_the_event_status(tmp_path: Path) -> None:
         rows = await journal.fetch("SELECT target, status, attempts, last_error FROM deliveries")
         assert sorted(rows) == [("a", "delivered", 2, None), ("b", "dead", 1, "HTTP 500")]
         assert await journal.pending_count() == 0
+
+
+async def test_an_attempt_finishing_after_its_delivery_died_still_counts(tmp_path: Path) -> None:
+    """An attempt in flight while a reload killed its delivery ("target removed") and that
+    then failed leaves the delivery dead but counted: a replay sends attempt 2, and the
+    first attempt's row is kept beside the second's instead of being overwritten."""
+    async with open_journal(tmp_path / "j.db", "normal") as journal:
+        event = new_event(1000)
+        await journal.append(event)
+        row = (event.deliveries[0].id, event.id)
+        await journal.kill_pending(target="svc", reason="target removed")
+        await journal.record(outcome(row, 1, "pending", next_at_ms=9000))
+        rows = await journal.fetch("SELECT status, attempts, last_error FROM deliveries")
+        assert rows == [("dead", 1, "target removed")]
+        await journal.requeue(Replay(event_id=event.id), {"svc"}, now_ms=2000)
+        [due] = await journal.due("svc", now_ms=2000, limit=10)
+        assert due.attempts + 1 == 2
+        await journal.record(outcome(row, due.attempts + 1, "delivered"))
+        attempts = await journal.fetch("SELECT n, status FROM attempts ORDER BY n")
+        assert attempts == [(1, 500), (2, 200)]
 
 
 async def test_prune_deletes_only_old_finished_events(tmp_path: Path) -> None:
