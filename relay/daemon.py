@@ -17,13 +17,13 @@ import gc
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from relay import __version__, logs, signing
 from relay.admin import AdminApi
 from relay.config import ConfigError, config_changes, load, restart_needed
-from relay.delivery import Deliverer, open_deliverer
+from relay.delivery import Deliverer, open_deliverer, report_dead
 from relay.ingress import (
     Health,
     Inbound,
@@ -111,7 +111,7 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -
         stack.push_async_callback(inbound.close)
         deliverer.start(config)
         running = Running(config, journal, deliverer, inbound, admin, health, metrics)
-        await _sweep_removed(journal, config)
+        await _sweep_removed(running)
         maintenance = asyncio.create_task(_maintain(running))
         if shutdown_trigger is None:  # a daemon process of its own, not an embedder's loop
             settle_gc()
@@ -223,18 +223,22 @@ class Reloader:
         signing.forget_keys()
         log.info("config.reloaded", **changes)
         self._running.metrics.config_reloads.labels("ok").inc()
-        await _sweep_removed(self._running.journal, new)
-        if removed or changes.get("routes_removed"):
+        kept = {route.name for route in new.routes}
+        gone_routes = {r.name: r.targets for r in old.routes if r.name not in kept}
+        await _sweep_removed(self._running, gone_routes)
+        if removed or gone_routes:
             # Requests that were routed by the old table may still be committing.
-            sweep = asyncio.create_task(self._sweep_later(new.server.read_timeout_s))
+            sweep = asyncio.create_task(self._sweep_later(new.server.read_timeout_s, gone_routes))
             self._sweeps.add(sweep)
             sweep.add_done_callback(self._sweeps.discard)
         return True, []
 
-    async def _sweep_later(self, delay_s: float) -> None:
+    async def _sweep_later(
+        self, delay_s: float, gone_routes: Mapping[str, tuple[str, ...]]
+    ) -> None:
         await asyncio.sleep(delay_s)
         # The config current *then*: a target re-added meanwhile must keep its deliveries.
-        await _sweep_removed(self._running.journal, self._running.config)
+        await _sweep_removed(self._running, gone_routes)
 
 
 async def _serve_reload_requests(requests: asyncio.Queue[None], reloader: Reloader) -> None:
@@ -243,18 +247,26 @@ async def _serve_reload_requests(requests: asyncio.Queue[None], reloader: Reload
         await reloader.reload()
 
 
-async def _sweep_removed(journal: Journal, config: Config) -> None:
-    """Deliveries whose target is gone from the config end dead ("target removed")."""
+async def _sweep_removed(
+    running: Running, gone_routes: Mapping[str, tuple[str, ...]] | None = None
+) -> None:
+    """Deliveries whose target is gone from the config, or whose route is (`gone_routes`:
+    name -> its targets, from the config before a reload), end dead ("target removed",
+    SPEC §4's wording for both)."""
+    journal, config = running.journal, running.config
+    reason = "target removed"
     try:
-        gone = await journal.pending_targets() - set(config.targets)
-        for target in sorted(gone):
-            for delivery_id, event_id in await journal.kill_pending(
-                target=target, reason="target removed"
-            ):
-                log.error(
-                    "delivery.dead", delivery_id=delivery_id, event_id=event_id, target=target,
-                    reason="target removed",
-                )  # fmt: skip
+        for target in sorted(await journal.pending_targets() - set(config.targets)):
+            report_dead(
+                running.metrics, await journal.kill_pending(target=target, reason=reason), reason
+            )
+        current = {route.name for route in config.routes}
+        for route, targets in sorted((gone_routes or {}).items()):
+            if route in current:  # re-added since
+                continue
+            for target in targets:
+                killed = await journal.kill_pending(target=target, route=route, reason=reason)
+                report_dead(running.metrics, killed, reason)
     except JournalError as error:
         log.error("journal.write_failed", error=str(error))
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from relay import http1, logs, policy
 from relay.journal import (
     AttemptRecord,
+    DeadDelivery,
     DueDelivery,
     Journal,
     JournalError,
@@ -657,11 +658,7 @@ class Lane:
         try:
             cutoff_ms = _now_ms() - int(max_age_s * 1000)
             while expired := await self._journal.expire_older(self.target.name, cutoff_ms, reason):
-                for delivery_id, event_id in expired:
-                    log.error(
-                        "delivery.dead", delivery_id=delivery_id, event_id=event_id,
-                        target=self.target.name, reason=reason,
-                    )  # fmt: skip
+                report_dead(self._metrics, expired, reason)
             oldest_ms = await self._journal.oldest_pending_ms(self.target.name)
         except JournalError as error:
             log.error("journal.write_failed", error=str(error), target=self.target.name)
@@ -722,18 +719,10 @@ class Lane:
             return
         if not changed:  # already dead (swept while paused), or replayed since it was read
             return
-        self._metrics.count_dead(target.name)
-        log.error(
-            "delivery.dead",
-            delivery_id=delivery.id,
-            event_id=delivery.event_id,
-            target=target.name,
-            route=delivery.route,
-            attempt=delivery.attempts,
-            status=None,
-            ms=0,
-            reason=reason,
+        dead = DeadDelivery(
+            delivery.id, delivery.event_id, target.name, delivery.route, delivery.attempts
         )
+        report_dead(self._metrics, [dead], reason)
 
     def stop_taking(self) -> None:
         self._stopping = True
@@ -763,6 +752,19 @@ class Lane:
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def report_dead(metrics: Metrics, dead: Iterable[DeadDelivery], reason: str) -> None:
+    """Deliveries that died without an attempt (too old, a failed transform, their target
+    or route removed): counted, and a `delivery.dead` line each with the attempt fields
+    (`attempt` is the number made before; no status, no time)."""
+    for delivery in dead:
+        metrics.count_dead(delivery.target)
+        log.error(
+            "delivery.dead", delivery_id=delivery.delivery_id, event_id=delivery.event_id,
+            target=delivery.target, route=delivery.route, attempt=delivery.attempts,
+            status=None, ms=0, reason=reason,
+        )  # fmt: skip
 
 
 class Deliverer:

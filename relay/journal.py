@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import aiosqlite
 import orjson
@@ -140,6 +140,16 @@ class NewEvent:
     @property
     def status(self) -> EventStatus:
         return "pending" if self.deliveries else "unrouted"
+
+
+class DeadDelivery(NamedTuple):
+    """A pending delivery a sweep made dead without an attempt (for its log line)."""
+
+    delivery_id: str
+    event_id: str
+    target: str
+    route: str
+    attempts: int  # made before it died
 
 
 @dataclass(slots=True)
@@ -498,7 +508,7 @@ def _expire(delivery_id: str, event_id: str, reason: str, created_at_ms: int) ->
         ).fetchone()
         if current is None:
             return False
-        _make_dead(conn, [(delivery_id, event_id)], reason)
+        _make_dead(conn, [(delivery_id, event_id, "", "", 0)], reason)
         return True
 
     return write
@@ -608,10 +618,13 @@ def _drain(target: str, now_ms: int, limit: int) -> WriteFn:
     return write
 
 
+_DEAD_COLUMNS = "id, event_id, target, route, attempts"  # a DeadDelivery, from deliveries
+
+
 def _make_dead(
     conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], reason: str
-) -> list[tuple[str, str]]:
-    """Pending deliveries (id, event_id) end dead with `reason`; their events follow."""
+) -> list[DeadDelivery]:
+    """Pending deliveries (`_DEAD_COLUMNS`) end dead with `reason`; their events follow."""
     conn.executemany(
         "UPDATE deliveries SET status = 'dead', last_error = ? WHERE id = ? AND status = 'pending'",
         [(reason, row[0]) for row in rows],
@@ -620,16 +633,16 @@ def _make_dead(
     conn.executemany(
         _EVENT_STATUS_SQL, [{"e": event_id, "now": stamp} for event_id in {row[1] for row in rows}]
     )
-    return [(str(row[0]), str(row[1])) for row in rows]
+    return [DeadDelivery(*row) for row in rows]
 
 
 def _expire_older(target: str, created_before_ms: int, reason: str, limit: int) -> WriteFn:
     # Delivery ids are ULIDs of the arrival time: the primary key finds the old ones.
     below_id = "dlv_" + ulid_floor(created_before_ms)
 
-    def write(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    def write(conn: sqlite3.Connection) -> list[DeadDelivery]:
         rows = conn.execute(
-            "SELECT id, event_id FROM deliveries WHERE id < ? AND target = ?"
+            f"SELECT {_DEAD_COLUMNS} FROM deliveries WHERE id < ? AND target = ?"
             " AND status = 'pending' AND created_at_ms < ? LIMIT ?",
             (below_id, target, created_before_ms, limit),
         ).fetchall()
@@ -638,14 +651,13 @@ def _expire_older(target: str, created_before_ms: int, reason: str, limit: int) 
     return write
 
 
-def _kill_pending(column: str, name: str, reason: str, limit: int) -> WriteFn:
-    assert column in ("target", "route")
-
-    def write(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+def _kill_pending(target: str, route: str | None, reason: str, limit: int) -> WriteFn:
+    def write(conn: sqlite3.Connection) -> list[DeadDelivery]:
+        # The target first: the pending deliveries' index finds them without a table scan.
         rows = conn.execute(
-            f"SELECT id, event_id FROM deliveries WHERE {column} = ? AND status = 'pending'"
-            " LIMIT ?",
-            (name, limit),
+            f"SELECT {_DEAD_COLUMNS} FROM deliveries WHERE target = ? AND status = 'pending'"
+            " AND (?2 IS NULL OR route = ?2) LIMIT ?3",
+            (target, route, limit),
         ).fetchall()
         return _make_dead(conn, rows, reason)
 
@@ -872,21 +884,19 @@ class Journal:
 
     async def expire_older(
         self, target: str, created_before_ms: int, reason: str, limit: int = 500
-    ) -> list[tuple[str, str]]:
-        """Make pending deliveries that arrived before the cutoff dead; (delivery, event) ids."""
-        expired: list[tuple[str, str]] = await self._write(
+    ) -> list[DeadDelivery]:
+        """Make pending deliveries that arrived before the cutoff dead."""
+        expired: list[DeadDelivery] = await self._write(
             _expire_older(target, created_before_ms, reason, limit)
         )
         return expired
 
     async def kill_pending(
-        self, *, target: str | None = None, route: str | None = None, reason: str
-    ) -> list[tuple[str, str]]:
-        """Make every pending delivery of a target (or route) dead; (delivery, event) ids."""
-        column, name = ("target", target) if target is not None else ("route", route)
-        assert name is not None, "a target or a route"
-        killed: list[tuple[str, str]] = []
-        while batch := await self._write(_kill_pending(column, name, reason, 500)):
+        self, *, target: str, route: str | None = None, reason: str
+    ) -> list[DeadDelivery]:
+        """Make every pending delivery of a target (of one route only, if given) dead."""
+        killed: list[DeadDelivery] = []
+        while batch := await self._write(_kill_pending(target, route, reason, 500)):
             killed += batch
         return killed
 

@@ -153,6 +153,39 @@ async def test_a_removed_target_leaves_its_deliveries_dead_and_others_untouched(
     assert rows == [("a", "delivered", None), ("b", "dead", "target removed")]
 
 
+async def test_a_removed_route_leaves_its_waiting_deliveries_dead_at_once(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Removing a route whose target stays: its delivery waiting an hour for a retry ends
+    dead ("target removed") at the reload, with a full `delivery.dead` line and counted in
+    `relay_deliveries_total{outcome="dead"}`, instead of waiting for its retry to fall due."""
+    a, b = await receivers(), await receivers()
+    b.default = (503, {}, b"down")
+    port = free_port()
+    slow_retry = 'url = "' + b.url + '"\nretry = { first = "1h", max = "1h" }'
+    text = config(tmp_path, port, a, b, extra_route=True).replace(f'url = "{b.url}"', slow_retry)
+    daemon = await daemons(text)
+    _, reply, _ = await daemon.post("/hooks/app", {"copy": True})
+    await daemon.wait_log("delivery.failed", event_id=reply["id"], target="b")
+    await daemon.wait_log("delivery.succeeded", event_id=reply["id"], target="a")
+    without_route = config(tmp_path, port, a, b, extra_route=False)
+    daemon.config_path.write_text(without_route.replace(f'url = "{b.url}"', slow_retry))
+    reloaded = await reload_and_wait(daemon, "config.reloaded")
+    assert (reloaded["routes_removed"], reloaded.get("targets_removed", [])) == (["to-b"], [])
+    dead = await daemon.wait_log("delivery.dead", event_id=reply["id"], target="b")
+    assert {k: dead[k] for k in ("reason", "route", "attempt", "status", "ms")} == {
+        "reason": "target removed", "route": "to-b", "attempt": 1, "status": None, "ms": 0,
+    }  # fmt: skip
+    rows = daemon.query("SELECT target, status, last_error FROM deliveries ORDER BY target")
+    assert rows == [("a", "delivered", None), ("b", "dead", "target removed")]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(daemon.admin_url("/metrics")) as response,
+    ):
+        page = await response.text()
+    assert 'relay_deliveries_total{outcome="dead",target="b"} 1.0' in page
+
+
 async def test_a_removed_target_can_be_re_added_and_its_dead_deliveries_replayed(
     tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
 ) -> None:
