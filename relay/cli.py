@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from relay import __version__
-from relay.config import ConfigError, effective_toml, load, starter_toml
+from relay.config import ConfigError, effective_toml, load, shown_url, starter_toml
 from relay.dryrun import DryRun, dry_run
 from relay.logs import is_sensitive_header
 from relay.model import Config, SourceConfig
@@ -212,7 +212,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"  targets ({len(config.targets)}):")
     for target in config.targets.values():
         print(
-            f"    {target.name:<20} {target.method} {target.url}  concurrency={target.concurrency}"
+            f"    {target.name:<20} {target.method} {shown_url(config, target)}"
+            f"  concurrency={target.concurrency}"
         )
     print(f"  routes ({len(config.routes)}):")
     for route in config.routes:

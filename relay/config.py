@@ -478,7 +478,7 @@ def _url(value: Any) -> str:
     url = _str(value)
     if url == "log:":
         return url
-    problem = f'expected an absolute http(s) URL or "log:", got "{url}"'
+    problem = f'expected an absolute http(s) URL or "log:", got "{without_password(url)}"'
     if any(c.isspace() for c in url):
         raise _Invalid(problem)
     parts = urlsplit(url)
@@ -487,8 +487,27 @@ def _url(value: Any) -> str:
     try:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        raise _Invalid(f'invalid port in URL "{url}"') from None
+        raise _Invalid(f'invalid port in URL "{without_password(url)}"') from None
     return url
+
+
+def without_password(url: str) -> str:
+    """`url` with the password of its user information (`user:password@`) shown as "***"."""
+    scheme, separator, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    user_info, at, host = authority.rpartition("@")
+    if not separator or not at or ":" not in user_info:
+        return url
+    return f"{scheme}://{user_info.split(':', 1)[0]}:{MASK}@{host}{slash}{path}"
+
+
+def shown_url(config: Config, target: TargetConfig) -> str:
+    """A target's URL as summaries show it: "***" when it was interpolated (`${...}` may be
+    a token in its query or its whole path, as in Slack's webhook URLs), else without its
+    password."""
+    if _join(_join("targets", target.name), "url") in config.secret_paths:
+        return MASK
+    return without_password(target.url)
 
 
 def _source_path(value: Any) -> str:
@@ -682,10 +701,17 @@ class _Table:
             self.bad.add(key)
         except _Invalid as error:
             self.bad.add(key)
-            self.ctx.error(self.key(key) + error.suffix, str(error))
+            self.ctx.error(self.key(key) + error.suffix, self._shown(key, str(error)))
         except ValueError as error:
-            self.fail(key, str(error))
+            self.fail(key, self._shown(key, str(error)))
         return default
+
+    def _shown(self, key: str, message: str) -> str:
+        """`message` without the value of `key` if that came from ${...} (may be a secret)."""
+        value = self.data[key]
+        if self.key(key) in self.ctx.interpolated and isinstance(value, str) and value:
+            return message.replace(value, MASK)
+        return message
 
     def require(self, key: str, convert: Callable[[Any], T], default: D) -> T | D:
         if key not in self.data:
@@ -1087,9 +1113,9 @@ def _build_sign(ctx: _Context, table: _Table) -> SignConfig:
 
 def _note_sensitive_headers(ctx: _Context, table: _Table, key: str) -> dict[str, str]:
     headers = table.get(key, _headers, {})
-    for name in headers:
+    for name, value in headers.items():
         if _SENSITIVE_HEADER.fullmatch(name):
-            ctx.secret_paths.add(_join(table.key(key), name))
+            ctx.note_secret(_join(table.key(key), name), value)
     return headers
 
 
@@ -1097,6 +1123,8 @@ def _build_target(
     ctx: _Context, table: _Table, name: str, defaults: DefaultsConfig
 ) -> TargetConfig:
     url = table.require("url", _url, "log:")
+    if urlsplit(url).password:  # sent as Authorization: Basic, so a credential
+        ctx.note_secret(table.key("url"), url)
     sign_table = table.table("sign", _SIGN_KEYS)
     ordered = table.get("ordered", _bool, False)
     order_key = table.get("order_key", _expression, None)

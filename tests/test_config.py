@@ -19,6 +19,7 @@ from relay.config import (
     parse_duration,
     parse_rate,
     parse_size,
+    shown_url,
     starter_toml,
 )
 from relay.model import Address, Rate
@@ -745,6 +746,54 @@ def test_warns_about_world_readable_literal_secrets(tmp_path: Path) -> None:
     interpolated = literal.replace('"literal"', '"${S}"')
     from_env = load(write(tmp_path, interpolated, mode=0o644), env={"S": "x"})
     assert not any("readable" in w for w in from_env.warnings)
+
+
+def test_credentials_in_target_headers_and_urls_count_as_literal_secrets(tmp_path: Path) -> None:
+    """A literal bearer token in a target's headers or a route's set_headers, and a password
+    in a target URL (sent as Basic auth), make a readable file warn like any other secret."""
+    text = """
+[sources.a]
+[targets.ci]
+url = "https://deploy:pass-literal@ci.example.com/hook"
+headers = { Authorization = "Bearer literal-ci-token" }
+[[routes]]
+name = "r"
+source = "a"
+targets = ["ci"]
+set_headers = { X-Auth-Token = "literal2" }
+"""
+    config = load(write(tmp_path, text, mode=0o644), env={})
+    (warning,) = [w for w in config.warnings if "readable by other users" in w]
+    for path in ("targets.ci.url", "targets.ci.headers.Authorization", "set_headers.X-Auth-Token"):
+        assert path in warning
+    assert shown_url(config, config.targets["ci"]) == "***"
+    assert "pass-literal" not in effective_toml(config)
+
+
+def test_errors_about_urls_do_not_show_their_secrets(tmp_path: Path) -> None:
+    """A bad URL's error names the key but shows neither a password written in it nor a
+    value that came from ${...} (a reload failure is logged, `validate` runs under systemd)."""
+    text = """
+[targets.literal]
+url = "https://deploy:S3CR3T@ci.example.com:99999/hook"
+[targets.from-env]
+url = "${CI_URL}"
+"""
+    with pytest.raises(ConfigError) as raised:
+        load(write(tmp_path, text), env={"CI_URL": "https://ci.example.com/hook?token=TOKEN42 x"})
+    message = "\n".join(raised.value.errors)
+    assert 'targets.literal.url: invalid port in URL "https://deploy:***@ci.example.com' in message
+    assert 'targets.from-env.url: expected an absolute http(s) URL or "log:", got "***"' in message
+    assert "S3CR3T" not in message
+    assert "TOKEN42" not in message
+
+
+def test_summaries_show_urls_without_secrets(tmp_path: Path) -> None:
+    """`relay validate` lists a plain URL as written and an interpolated one as "***"."""
+    text = '[targets.plain]\nurl = "https://a.example/x"\n[targets.env]\nurl = "${U}"\n'
+    config = load(write(tmp_path, text), env={"U": "https://hooks.example/services/T0/SECRET"})
+    assert shown_url(config, config.targets["plain"]) == "https://a.example/x"
+    assert shown_url(config, config.targets["env"]) == "***"
 
 
 # --------------------------------------------------------------------------- output
