@@ -23,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import ssl
 import stat
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -510,6 +511,20 @@ def shown_url(config: Config, target: TargetConfig) -> str:
     return without_password(target.url)
 
 
+def _check_tls(table: _Table, cert: Path, key: Path) -> None:
+    """The certificate and key load as the listener will load them (readable, PEM, a pair)."""
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
+        try:
+            path.open("rb").close()
+        except OSError as error:
+            table.fail(name, f"cannot read {path}: {error.strerror or error}")
+            return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError as error:
+        table.fail("tls_cert", f"cannot load {cert} with {key}: {error.reason or error}")
+
+
 def _source_path(value: Any) -> str:
     path = _str(value)
     if not path.startswith("/"):
@@ -890,6 +905,8 @@ def _build_server(ctx: _Context, table: _Table) -> ServerConfig:
     if table.ok("tls_cert", "tls_key") and bool(tls_cert) != bool(tls_key):
         missing = "tls_key" if tls_cert else "tls_cert"
         table.fail(missing, "tls_cert and tls_key go together: set both, or neither")
+    elif tls_cert and table.ok("tls_cert", "tls_key"):
+        _check_tls(table, ctx.resolve(tls_cert), ctx.resolve(tls_key))
     return ServerConfig(
         listen=listen,
         admin=admin,

@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import trustme
 
 from relay.config import (
     ConfigError,
@@ -577,9 +578,29 @@ def test_tls_cert_and_key_go_together(tmp_path: Path) -> None:
     assert error.startswith("relay.toml: server.tls_key:")
     error = one_error('[server]\ntls_key = "key.pem"\n', tmp_path)
     assert error.startswith("relay.toml: server.tls_cert:")
-    config = load(write(tmp_path, '[server]\ntls_cert = "c.pem"\ntls_key = "/etc/k.pem"\n'), env={})
+    authority = trustme.CA()
+    issued = authority.issue_cert("relay.example")
+    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
+    (tmp_path / "keys").mkdir()
+    issued.private_key_pem.write_to_path(str(tmp_path / "keys" / "k.pem"))
+    text = f'[server]\ntls_cert = "c.pem"\ntls_key = "{tmp_path / "keys" / "k.pem"}"\n'
+    config = load(write(tmp_path, text), env={})
     assert config.server.tls_cert == tmp_path / "c.pem"
-    assert config.server.tls_key == Path("/etc/k.pem")
+    assert config.server.tls_key == tmp_path / "keys" / "k.pem"
+
+
+def test_tls_files_that_cannot_be_loaded_are_config_errors(tmp_path: Path) -> None:
+    """A missing key, or a key that is not the certificate's, is an error naming the key
+    at load (exit 78 from `validate` and `run`), not a failure of the listener at start."""
+    issued = trustme.CA().issue_cert("relay.example")
+    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
+    error = one_error('[server]\ntls_cert = "c.pem"\ntls_key = "nope.key"\n', tmp_path)
+    missing = tmp_path / "nope.key"
+    assert error == f"relay.toml: server.tls_key: cannot read {missing}: No such file or directory"
+    trustme.CA().issue_cert("other").private_key_pem.write_to_path(str(tmp_path / "other.key"))
+    error = one_error('[server]\ntls_cert = "c.pem"\ntls_key = "other.key"\n', tmp_path)
+    assert error.startswith(f"relay.toml: server.tls_cert: cannot load {tmp_path / 'c.pem'} with")
+    assert "KEY_VALUES_MISMATCH" in error
 
 
 def test_bad_addresses(tmp_path: Path) -> None:
