@@ -10,6 +10,7 @@ network, no SQL, no clock.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -59,8 +60,10 @@ class RelayFunctions(jmespath.functions.Functions):
     def _func_matches(self, text: str, pattern: str) -> bool:
         return _regex(pattern).search(text) is not None
 
-    @jmespath.functions.signature({"types": ["string"]}, {"types": [], "variadic": True})
-    def _func_format(self, template: str, *args: Any) -> str:
+    @jmespath.functions.signature({"types": [], "variadic": True})  # template, then 0 or more
+    def _func_format(self, template: Any, *args: Any) -> str:
+        if not isinstance(template, str):
+            raise ValueError(f"format: the template must be a string, got {json_text(template)}")
         parts = template.split("{}")
         if len(parts) - 1 != len(args):
             raise ValueError(f"format: {len(parts) - 1} placeholders but {len(args)} arguments")
@@ -96,9 +99,18 @@ class Expression:
 
 
 def compile_expression(text: str) -> Expression:
-    """Compile `text`, or raise RuleError showing the expression and a caret under the fault."""
+    """Compile `text`, or raise RuleError showing the expression and a caret under the fault.
+
+    Calls are checked here too (jmespath only finds them out when an event runs them):
+    known functions with the right number of arguments, and a `matches` pattern that is a
+    literal string that compiles (a pattern taken from the event could backtrack for
+    ever, and would fill the regex cache)."""
     try:
-        return Expression(text, jmespath.compile(text))
+        compiled = jmespath.compile(text)
+        problem = _bad_call(compiled.parsed)
+        if problem is not None:
+            raise RuleError(f"invalid expression: {problem}\n  {text}\n  ^")
+        return Expression(text, compiled)
     except jmespath.exceptions.ParseError as error:
         position = error.lex_position if isinstance(error.lex_position, int) else 0
         reason = getattr(error, "msg", None) or str(error).splitlines()[0]
@@ -106,6 +118,36 @@ def compile_expression(text: str) -> Expression:
         raise RuleError(f"invalid expression: {reason}\n  {text}\n  {caret}") from None
     except jmespath.exceptions.JMESPathError as error:
         raise RuleError(f"invalid expression: {error}\n  {text}\n  ^") from None
+
+
+def _bad_call(node: Mapping[str, Any]) -> str | None:
+    """What is wrong with the first function call of a parsed expression that cannot run."""
+    if node.get("type") == "function_expression":
+        name, arguments = node["value"], node["children"]
+        entry = RelayFunctions.FUNCTION_TABLE.get(name)
+        if entry is None:
+            known = sorted(RelayFunctions.FUNCTION_TABLE)
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f' (did you mean "{close[0]}"?)' if close else ""
+            return f"unknown function {name}(){hint}"
+        signature = entry["signature"]
+        if signature and signature[-1].get("variadic"):
+            if len(arguments) < len(signature):
+                return f"{name}() takes at least {len(signature)} arguments, got {len(arguments)}"
+        elif len(arguments) != len(signature):
+            return f"{name}() takes {len(signature)} arguments, got {len(arguments)}"
+        if name == "matches":
+            pattern = arguments[1]
+            if pattern["type"] != "literal" or not isinstance(pattern["value"], str):
+                return "matches(): the pattern must be a literal string, like 'ab+c'"
+            try:
+                _regex(pattern["value"])
+            except re.error as error:
+                return f"matches(): bad pattern {pattern['value']!r}: {error}"
+    for child in node.get("children", ()):
+        if isinstance(child, Mapping) and (problem := _bad_call(child)) is not None:
+            return problem
+    return None
 
 
 def is_truthy(value: Any) -> bool:

@@ -251,12 +251,36 @@ def test_filter_that_raises_counts_as_no_match_and_records_why() -> None:
     assert (pushes.name, pushes.matched, pushes.error) == ("pushes", True, None)
 
 
-def test_filter_calling_unknown_function_is_no_match_with_error() -> None:
-    """A filter calling a function that does not exist is no match, and says which function."""
-    document = github_document("push", "push.json")
-    (decision,) = decide_routes([route("typo", "lowr(headers.x_github_event)")], document)
-    assert decision.matched is False
-    assert decision.error == "UnknownFunctionError: Unknown function: lowr()"
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            "lowr(headers.x_github_event) == 'push'",
+            'unknown function lowr() (did you mean "lower"?)',
+        ),
+        ("matches(body.a)", "matches() takes 2 arguments, got 1"),
+        ("length(body.a, body.b)", "length() takes 1 arguments, got 2"),
+        ("body.a == 'x' && matches(body.a, '(')", "matches(): bad pattern '(': missing ), "),
+        ("matches(body.s, body.p)", "matches(): the pattern must be a literal string, like 'ab+c'"),
+        ("{t: not_null(body.a, format())}", "format() takes at least 1 arguments, got 0"),
+    ],
+)
+def test_calls_that_could_never_run_are_compile_errors(text: str, problem: str) -> None:
+    """An unknown function, a wrong number of arguments or a regex that does not compile is
+    refused when the config loads (jmespath finds them only when an event runs them, so
+    every event was "no match" and every transformed delivery dead); so is a `matches`
+    pattern taken from the event, which a sender could make backtrack for ever."""
+    with pytest.raises(RuleError) as raised:
+        compile_expression(text)
+    assert str(raised.value).startswith(f"invalid expression: {problem}")
+
+
+def test_format_with_no_arguments_is_its_template() -> None:
+    """`format(template, args...)` takes zero arguments too; a non-string template is an error."""
+    assert compile_expression("format('hello')").search({}) == "hello"
+    assert compile_expression("format('{} and {}', a, b)").search({"a": 1, "b": "x"}) == "1 and x"
+    with pytest.raises(ValueError, match="the template must be a string"):
+        compile_expression("format(`1`)").search({})
 
 
 @pytest.mark.parametrize(
