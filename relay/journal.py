@@ -211,6 +211,9 @@ class _Writer:
         self._conn = _connect(path, synchronous)
         self._thread = threading.Thread(target=self._run, name="relay-journal", daemon=True)
         self.healthy = True
+        # After a failure: how large a write must commit before the journal is healthy
+        # again (a full disk may still take small writes; senders' large ones fail).
+        self.recovery_bytes = 0
         self.on_commit: Callable[[float, int], None] | None = None
 
     def prepare(self) -> tuple[int, str]:
@@ -279,9 +282,11 @@ class _Writer:
                 return
             if _is_disk_trouble(error):  # a bad row (constraint, encoding) is not a bad disk
                 self.healthy = False
+                self.recovery_bytes = max(self.recovery_bytes, _size_bytes(batch[0].fn))
             self._loop.call_soon_threadsafe(_settle, batch, None, JournalError(str(error)))
             return
-        self.healthy = True
+        if self.healthy or sum(_size_bytes(w.fn) for w in batch) >= self.recovery_bytes:
+            self.healthy, self.recovery_bytes = True, 0
         if self.on_commit is not None:
             with contextlib.suppress(Exception):  # a metrics hiccup must not end the writer
                 self.on_commit(time.perf_counter() - started, len(batch))
@@ -539,8 +544,36 @@ def _prune(before_ms: int, limit: int) -> WriteFn:
     return write
 
 
-def _probe(conn: sqlite3.Connection) -> None:
-    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probed_at_ms', ?)", (now_ms(),))
+class _Probe:
+    """A write of `size_bytes` (zeros, removed by the next write): can the journal take a
+    write as large as the one that failed?"""
+
+    __slots__ = ("size_bytes",)
+
+    def __init__(self, size_bytes: int) -> None:
+        self.size_bytes = size_bytes
+
+    def __call__(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', zeroblob(?))",
+            (self.size_bytes,),
+        )
+
+
+def _drop_probe(conn: sqlite3.Connection) -> None:
+    conn.execute("DELETE FROM meta WHERE key = 'probe'")
+
+
+_ROW_OVERHEAD_BYTES = 1024  # an event's columns besides its body, roughly
+
+
+def _size_bytes(fn: WriteFn) -> int:
+    """About how many bytes a write adds to the WAL (0 for the small ones)."""
+    if isinstance(fn, _Append):
+        return len(fn.event.body) + _ROW_OVERHEAD_BYTES
+    if isinstance(fn, _Probe):
+        return fn.size_bytes
+    return 0
 
 
 def _forget_keys(now_ms: int, limit: int) -> WriteFn:
@@ -940,9 +973,11 @@ class Journal:
         return int(await self._write(_forget_keys(now_ms, limit)))
 
     async def probe(self) -> bool:
-        """Try a tiny write, so that a journal that failed can report itself healthy again."""
+        """Try a write as large as the one that failed (`recovery_bytes`), so that a journal
+        that failed can report itself healthy again once it would take that write."""
         with contextlib.suppress(JournalError):
-            await self._write(_probe)
+            await self._write(_Probe(self._writer.recovery_bytes))
+            await self._write(_drop_probe)
         return self.healthy
 
     async def checkpoint(self) -> tuple[int, int, int]:

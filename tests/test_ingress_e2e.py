@@ -263,6 +263,30 @@ async def test_journal_failure_is_a_503_and_not_ready_until_it_recovers(
     assert daemon.query("PRAGMA integrity_check") == [("ok",)]
 
 
+async def test_a_disk_that_takes_only_small_writes_is_not_ready(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """When a nearly full disk still takes small writes but refuses a sender's large one,
+    /readyz stays 503 (its probe writes as much as the write that failed, not a few bytes,
+    and small events that do commit do not count) until a write that large would fit."""
+    daemon = await daemons(demo_config(tmp_path, max_body='"4MiB"'))
+    assert (await daemon.post("/hooks/app", b'{"first": true}'))[0] == 202
+    assert daemon.process is not None
+    pid = daemon.process.pid
+    room = (tmp_path / "relay.db-wal").stat().st_size + 200_000  # not enough for 3 MB
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (room, resource.RLIM_INFINITY))
+    large = orjson.dumps({"pad": "x" * 3_000_000})
+    assert (await daemon.post("/hooks/app", large))[0] == 503
+    assert await daemon.ready() == 503
+    assert (await daemon.post("/hooks/app", b'{"small": true}'))[0] == 202
+    assert await daemon.ready() == 503
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    await eventually(lambda: _is_ready(daemon))
+    assert (await daemon.post("/hooks/app", large))[0] == 202
+    assert daemon.query("SELECT count(*) FROM events") == [(3,)]
+    assert daemon.query("PRAGMA integrity_check") == [("ok",)]
+
+
 async def _is_ready(daemon: Daemon) -> bool:
     return await daemon.ready() == 200
 
