@@ -18,6 +18,7 @@ import contextlib
 import hmac
 import inspect
 import ipaddress
+import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -653,6 +654,7 @@ async def listen(
         max_field_size=MAX_FIELD_BYTES,
         auto_decompress=False,  # the journal keeps the body exactly as it was sent
         lingering_time=LINGER_S,  # after a 408/413, drain the unread body this long, then close
+        logger=_ADMIN_ERRORS,
     )
     runner = web.ServerRunner(server, shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
@@ -671,6 +673,27 @@ async def listen(
         raise
     host, port = runner.addresses[0][:2]
     return Listener(runner, Address(host, port))
+
+
+class _RefusedOnAdmin(logging.Handler):
+    """aiohttp's report of a request it could not parse on the admin listener (a bad
+    head, framing or method) as one `admin.rejected` line with the reason, instead of
+    its "Error handling request" traceback on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        # aiohttp's parse errors carry their one-line reason in `message`.
+        text = str(getattr(error, "message", None) or error or record.getMessage())
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        reason = lines[0].split(": b'")[0] if lines else repr(error)  # not the bytes it quotes
+        log.info("admin.rejected", remote=remote, reason=reason)
+
+
+_ADMIN_ERRORS = logging.getLogger("relay.admin.http")
+_ADMIN_ERRORS.addHandler(_RefusedOnAdmin())
+_ADMIN_ERRORS.propagate = False  # never to the root logger (or Python's last-resort stderr)
+_ADMIN_ERRORS.setLevel(logging.DEBUG)
 
 
 def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:

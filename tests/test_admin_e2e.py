@@ -565,3 +565,30 @@ async def test_an_admin_body_over_its_limit_is_a_413(
     assert status == 413
     assert answer == {"error": "body exceeds max_body 65536 bytes"}
     assert await daemon.ready() == 200
+
+
+async def test_a_malformed_request_to_the_admin_listener_is_one_log_line(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A request the admin listener cannot parse (length and chunked together, an oversized
+    header) gets a 400 and one `admin.rejected` line with its reason and without the bytes
+    it quoted, not a multi-line traceback on stderr."""
+    svc = await receivers()
+    daemon = await daemons(one_target(tmp_path, svc.url))
+    host, port = daemon.admin_url("/").split("//")[1].split("/")[0].rsplit(":", 1)
+    for head in (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + b"s" * 9000,
+    ):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(head + b"\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), DEADLINE_S)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.0 400 Bad Request")
+    await eventually(lambda: len(daemon.events("admin.rejected")) == 2)
+    reasons = [line["reason"] for line in daemon.events("admin.rejected")]
+    assert reasons[0] == "Transfer-Encoding can't be present with Content-Length:"
+    assert reasons[1].startswith("Got more than 8190 bytes when reading")
+    assert "sss" not in reasons[1]
+    assert not [line for line in daemon.lines if line.get("event") == "<not json>"]
+    assert "Traceback" not in "".join(daemon.stderr)
