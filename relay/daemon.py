@@ -209,12 +209,12 @@ class Reloader:
             new = load(old.path)
         except ConfigError as error:
             log.error("config.reload_failed", errors=error.errors)
-            self._running.metrics.config_reloads.labels("failed").inc()
+            self._running.metrics.config_reloads.inc("failed")
             return False, error.errors
         problems = [f"{old.path}: {problem}" for problem in restart_needed(old, new)]
         if problems:
             log.error("config.reload_failed", errors=problems)
-            self._running.metrics.config_reloads.labels("failed").inc()
+            self._running.metrics.config_reloads.inc("failed")
             return False, problems
         changes = config_changes(old, new)
         self._inbound.routing = Routing.of(new)  # atomic: the next request sees the new table
@@ -222,7 +222,7 @@ class Reloader:
         self._running.config = new
         signing.forget_keys()
         log.info("config.reloaded", **changes)
-        self._running.metrics.config_reloads.labels("ok").inc()
+        self._running.metrics.config_reloads.inc("ok")
         kept = {route.name for route in new.routes}
         gone_routes = {r.name: r.targets for r in old.routes if r.name not in kept}
         await _sweep_removed(self._running, gone_routes)

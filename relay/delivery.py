@@ -607,7 +607,10 @@ class Lane:
             log.warning("target.paused", target=name, reason=result.failure, for_s=change.for_s)
         else:
             log.info(
-                "target.resumed", target=name, reason="an attempt succeeded", for_s=change.for_s
+                "target.resumed",
+                target=name,
+                reason="an attempt succeeded",
+                for_s=round(change.for_s, 3),
             )
         await self._save_pause()
         if change.kind == "resumed":

@@ -107,7 +107,9 @@ class Rejected(Exception):
 
 
 def _reply(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> Response:
-    """A JSON reply on the inbound listener."""
+    """A JSON reply on the inbound listener (none for a 204, which cannot carry a body)."""
+    if status == 204:
+        return Response(204, b"", tuple((headers or {}).items()))
     pairs = [*headers.items(), ("Content-Type", JSON_TYPE)] if headers else _JSON_HEADERS
     return Response(status, json_bytes(payload), pairs)
 
@@ -435,8 +437,15 @@ def check_method(request: Request, source: SourceConfig) -> None:
         raise Rejected(
             405,
             f"method {request.method} not allowed at {request.path}",
-            {"Allow": ", ".join(source.methods)},
+            {"Allow": ", ".join(_allowed_methods(source))},
         )
+
+
+def _allowed_methods(source: SourceConfig) -> tuple[str, ...]:
+    """The source's methods, with GET for Meta's subscription handshake where it has one."""
+    if source.challenge == "meta" and "GET" not in source.methods:
+        return ("GET", *source.methods)
+    return source.methods
 
 
 def check_length(request: Request, source: SourceConfig) -> None:

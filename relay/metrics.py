@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -52,6 +52,11 @@ class CountSeries:
     def inc(self, *labels: str) -> None:
         values = self._values
         values[labels] = values.get(labels, 0.0) + 1.0
+
+    def add(self, *series: tuple[str, ...]) -> None:
+        """Show these label sets from now on, at 0 until counted."""
+        for labels in series:
+            self._values.setdefault(labels, 0.0)
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
@@ -136,9 +141,10 @@ class Metrics:
         self.journal_bytes = Gauge(
             "relay_journal_bytes", "Size of the journal files on disk", registry=r
         )
-        self.config_reloads = Counter(
-            "relay_config_reloads_total", "Config reloads by result", ["result"], registry=r
+        self.config_reloads = CountSeries(
+            "relay_config_reloads", "Config reloads by result", ["result"], r
         )
+        self.config_reloads.add(("ok",), ("failed",))  # both series from the start, at 0
 
     def count_request(self, source: str, code: int) -> None:
         self.requests.inc(source, _CODES.get(code) or str(code))

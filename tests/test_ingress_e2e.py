@@ -382,3 +382,23 @@ targets = ["svc"]
     assert len(svc.requests) <= 3
     resource.prlimit(daemon.process.pid, resource.RLIMIT_FSIZE, (-1, -1))
     await daemon.wait_log("delivery.succeeded", event_id=reply["id"])
+
+
+async def test_an_ack_status_of_204_is_answered_without_a_body(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """With `ack_status = 204` the event is journaled and the reply is a bare 204: no body
+    (HTTP allows none, so the event id is not sent) and no Content-Type claiming JSON."""
+    daemon = await daemons(
+        demo_config(tmp_path).replace("[sources.app]", "[sources.app]\nack_status = 204")
+    )
+    answer = await raw_exchange(
+        daemon,
+        b"POST /hooks/app HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 2\r\nConnection: close\r\n\r\n{}",
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 204 No Content\r\n")
+    assert b"content-type" not in head.lower()
+    assert body == b""
+    assert daemon.query("SELECT count(*) FROM events") == [(1,)]

@@ -84,3 +84,5 @@ targets = ["up", "down"]
     assert values[("relay_journal_commit_seconds_count", ())] >= 2
     assert values[("relay_journal_bytes", ())] > 0
     assert values[("relay_config_reloads_total", (("result", "ok"),))] == 1
+    assert values[("relay_config_reloads_total", (("result", "failed"),))] == 0  # shown at 0
+    assert not [name for name, _ in values if name.endswith("_created")]

@@ -226,6 +226,8 @@ async def test_provider_handshakes_are_answered_and_not_journaled(
         wrong = {**query, "hub.verify_token": "guess"}
         async with session.get(daemon.url("/hooks/meta"), params=wrong) as response:
             assert response.status == 403
+        async with session.put(daemon.url("/hooks/meta"), data=b"{}") as response:
+            assert (response.status, response.headers["Allow"]) == (405, "GET, POST")
     assert daemon.query("SELECT count(*) FROM events") == [(0,)]
 
 
