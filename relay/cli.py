@@ -30,6 +30,7 @@ from relay.config import ConfigError, effective_toml, load, shown_url, starter_t
 from relay.dryrun import DryRun, dry_run
 from relay.logs import is_sensitive_header
 from relay.model import Config, SourceConfig
+from relay.outbound import signature_headers
 from relay.rules import BodyError
 from relay.signing import provider_headers
 
@@ -281,20 +282,37 @@ def cmd_test(args: argparse.Namespace) -> int:
         result = dry_run(config, args.source, body, headers, time.time_ns() // 1_000_000)
     except BodyError as error:
         return _fail(f"the daemon would answer {error.status}: {error}", EXIT_FAILURE)
+    hidden = _hidden_headers(config, args.show_secrets)
     if args.json:
-        sys.stdout.write(orjson.dumps(_dry_run_json(result, args.show_secrets)).decode() + "\n")
+        sys.stdout.write(orjson.dumps(_dry_run_json(result, hidden)).decode() + "\n")
     else:
-        _print_dry_run(result, args.show_secrets)
+        _print_dry_run(result, hidden)
     return EXIT_OK
 
 
-def _shown_headers(headers: list[tuple[str, str]], show_secrets: bool) -> list[tuple[str, str]]:
+def _hidden_headers(config: Config, show_secrets: bool) -> frozenset[str] | None:
+    """Header names to mask in what the CLI prints (None: `--show-secrets`): those that look
+    like credentials, and any the config uses for a signature or a token, whatever its name."""
     if show_secrets:
+        return None
+    names: set[str] = set()
+    for source in config.sources.values():
+        names |= signature_headers(source.verify)
+    for target in config.targets.values():
+        if target.sign is not None and target.sign.header:
+            names.add(target.sign.header.lower())
+    return frozenset(names)
+
+
+def _shown_headers(
+    headers: list[tuple[str, str]], hidden: frozenset[str] | None
+) -> list[tuple[str, str]]:
+    if hidden is None:
         return headers
-    return [(k, "***" if is_sensitive_header(k) else v) for k, v in headers]
+    return [(k, "***" if is_sensitive_header(k) or k.lower() in hidden else v) for k, v in headers]
 
 
-def _dry_run_json(result: DryRun, show_secrets: bool) -> dict[str, Any]:
+def _dry_run_json(result: DryRun, hidden: frozenset[str] | None) -> dict[str, Any]:
     return {
         "source": result.source,
         "event_id": result.event_id,
@@ -307,7 +325,7 @@ def _dry_run_json(result: DryRun, show_secrets: bool) -> dict[str, Any]:
                 "target": r.target,
                 "method": r.method,
                 "url": r.url,
-                "headers": _shown_headers(r.headers, show_secrets),
+                "headers": _shown_headers(r.headers, hidden),
                 "body": r.body.decode("utf-8", errors="replace"),
                 "error": r.error,
             }
@@ -316,7 +334,7 @@ def _dry_run_json(result: DryRun, show_secrets: bool) -> dict[str, Any]:
     }
 
 
-def _print_dry_run(result: DryRun, show_secrets: bool) -> None:
+def _print_dry_run(result: DryRun, hidden: frozenset[str] | None) -> None:
     matched = sum(d.matched for d in result.decisions)
     print(f"source {result.source}: {matched} of {len(result.decisions)} routes match")
     for d in result.decisions:
@@ -328,7 +346,7 @@ def _print_dry_run(result: DryRun, show_secrets: bool) -> None:
             print(f"  dead: {r.error}")
             continue
         print(f"  {r.method} {r.url}")
-        for name, value in _shown_headers(r.headers, show_secrets):
+        for name, value in _shown_headers(r.headers, hidden):
             print(f"  {name}: {value}")
         print()
         print("  " + r.body.decode("utf-8", errors="replace").replace("\n", "\n  "))
@@ -545,11 +563,11 @@ def cmd_event(args: argparse.Namespace) -> int:
     if args.json:
         _print_raw(raw)
         return EXIT_OK
-    _print_event(data, args.show_secrets)
+    _print_event(data, _hidden_headers(config, args.show_secrets))
     return EXIT_OK
 
 
-def _print_event(event: dict[str, Any], show_secrets: bool) -> None:
+def _print_event(event: dict[str, Any], hidden: frozenset[str] | None) -> None:
     query = f"?{event['query']}" if event.get("query") else ""
     print(f"{event['id']}  {event['status']}")
     print(f"  {event['method']} {event['path']}{query}  source {event['source']}")
@@ -558,7 +576,7 @@ def _print_event(event: dict[str, Any], show_secrets: bool) -> None:
         print(f"  finished {event['finished_at']}")
     print("\nheaders")
     headers = [(str(k), str(v)) for k, v in event.get("headers") or []]
-    for name, value in _shown_headers(headers, show_secrets):
+    for name, value in _shown_headers(headers, hidden):
         print(f"  {name}: {value}")
     body = str(event.get("body") or "")
     print(f"\nbody ({'base64' if event.get('body_encoding') == 'base64' else 'text'})")

@@ -211,6 +211,29 @@ targets = ["svc"]
     assert len(svc.requests) > seen
 
 
+def test_relay_test_masks_a_token_header_whatever_its_name(tmp_path: Path) -> None:
+    """A token source's credential header (here `X-Shared`, a name that does not look like
+    one) is shown as *** in `relay test`'s planned request unless --show-secrets."""
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        '[sources.shared]\nverify = { scheme = "token", secret = "topsecretvalue", '
+        'header = "X-Shared" }\n[targets.console]\nurl = "log:"\n[[routes]]\nname = "r"\n'
+        'source = "shared"\ntargets = ["console"]\n'
+    )
+    config.chmod(0o600)
+    command = [
+        sys.executable, "-m", "relay", "test", "-c", str(config), "--source", "shared",
+        "--data", "{}", "-H", "X-Shared: topsecretvalue",
+    ]  # fmt: skip
+    shown = subprocess.run(command, capture_output=True, text=True, check=True, timeout=60)
+    assert "X-Shared: ***" in shown.stdout
+    assert "topsecretvalue" not in shown.stdout
+    revealed = subprocess.run(
+        [*command, "--show-secrets"], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert "X-Shared: topsecretvalue" in revealed.stdout
+
+
 def test_relay_test_on_the_example_config() -> None:
     """`relay test` shows the route decision and the exact request, sending nothing."""
     command = [
