@@ -1271,6 +1271,14 @@ def _build(ctx: _Context, document: dict[str, Any], path: Path) -> Config:
     for name in targets:
         if name not in routed_targets:
             ctx.warn(_join("targets", name), "no route delivers to this target")
+    for name, source in sources.items():
+        if source.dedupe is not None and source.dedupe.window_s > server.retention_s:
+            ctx.warn(
+                _join(_join("sources", name), "dedupe"),
+                f"window ({format_duration(source.dedupe.window_s)}) is longer than "
+                f"server.retention ({format_duration(server.retention_s)}): a repeat after "
+                "retention is answered with the id of an event already deleted",
+            )
 
     return Config(
         path=path,
@@ -1352,7 +1360,7 @@ def _verify_dict(verify: VerifyConfig | SignConfig, uses: frozenset[str]) -> dic
     if isinstance(verify, VerifyConfig) and "tolerance" in uses:
         out["tolerance"] = format_duration(verify.tolerance_s)
     for key in ("header", "algorithm", "encoding", "prefix", "id_header", "username", "password"):
-        if key in uses:
+        if key in uses and (key != "id_header" or getattr(verify, key)):  # "": not set
             out[key] = getattr(verify, key)
     return out
 

@@ -755,6 +755,18 @@ def test_warns_about_a_source_without_verify(tmp_path: Path) -> None:
     )
 
 
+def test_warns_when_a_dedupe_window_outlives_retention(tmp_path: Path) -> None:
+    """A dedupe window longer than retention warns: a repeat after the event was pruned
+    would be answered with an id that no longer exists."""
+    text = '[server]\nretention = "1d"\n[sources.a]\ndedupe = { key = "body.id", window = "7d" }\n'
+    warnings = load(write(tmp_path, text), env={}).warnings
+    assert "sources.a.dedupe: window (7d) is longer than server.retention (1d): a repeat " in (
+        "\n".join(warnings)
+    )
+    within = text.replace('"7d"', '"1d"')
+    assert not any("dedupe" in w for w in load(write(tmp_path, within), env={}).warnings)
+
+
 def test_warns_about_world_readable_literal_secrets(tmp_path: Path) -> None:
     """A file readable by others that holds literal secrets warns; 0600 or ${...} does not."""
     literal = '[sources.a]\nverify = { scheme = "github", secret = "literal" }\n'
@@ -917,6 +929,18 @@ def test_effective_toml_of_minimal_config_fills_every_default(tmp_path: Path) ->
     assert document["defaults"]["retry"]["max_age"] == "3d"
     assert document["sources"]["a"]["path"] == "/hooks/a"
     assert parse(effective_toml(config), path=config.path, env={}) == config
+
+
+def test_effective_toml_of_an_hmac_source_without_an_id_header_parses_back(
+    tmp_path: Path,
+) -> None:
+    """An hmac source that sets no `id_header` is written without one (an empty name would
+    not parse), so `relay config`'s output loads again as the same config."""
+    text = '[sources.h]\nverify = { scheme = "hmac", secret = "s", header = "X-Sig" }\n'
+    config = load(write(tmp_path, text), env={})
+    output = effective_toml(config)
+    assert "id_header" not in output
+    assert parse(output.replace('"***"', '"s"'), path=config.path, env={}) == config
 
 
 def test_effective_toml_masks_secrets_and_interpolated_values(tmp_path: Path) -> None:
