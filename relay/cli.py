@@ -316,6 +316,7 @@ def _dry_run_json(result: DryRun, hidden: frozenset[str] | None) -> dict[str, An
     return {
         "source": result.source,
         "event_id": result.event_id,
+        "handshake": result.handshake,
         "routes": [
             {"name": d.name, "matched": d.matched, "error": d.error} for d in result.decisions
         ],
@@ -335,6 +336,12 @@ def _dry_run_json(result: DryRun, hidden: frozenset[str] | None) -> dict[str, An
 
 
 def _print_dry_run(result: DryRun, hidden: frozenset[str] | None) -> None:
+    if result.handshake is not None:
+        print(
+            f"source {result.source}: a {result.handshake} handshake: the daemon answers it"
+            " with its challenge and journals nothing"
+        )
+        return
     matched = sum(d.matched for d in result.decisions)
     print(f"source {result.source}: {matched} of {len(result.decisions)} routes match")
     for d in result.decisions:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from relay import ids
 from relay.model import Config
 from relay.outbound import StoredRequest, TransformError, build_request
-from relay.rules import RouteDecision, RouteSet, request_document
+from relay.rules import RouteDecision, RouteSet, is_slack_challenge, request_document
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +38,7 @@ class DryRun:
     event_id: str
     decisions: list[RouteDecision]
     requests: list[PlannedRequest]
+    handshake: str | None = None  # the provider whose handshake the daemon would answer
 
 
 def dry_run(
@@ -62,6 +63,8 @@ def dry_run(
         received_at_ms=received_at_ms,
         max_body_bytes=source.max_body_bytes,
     )
+    if source.challenge == "slack" and is_slack_challenge(document):
+        return DryRun(source.name, event_id, [], [], handshake="slack")
     route_set = RouteSet(config.routes_of(source_name))
     decisions = route_set.decide(document)
     requests = []

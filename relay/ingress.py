@@ -37,7 +37,7 @@ from relay.journal import Journal, JournalError, NewDelivery, NewEvent
 from relay.metrics import Metrics
 from relay.model import Address, Config, Rate, SourceConfig
 from relay.policy import TokenBucket, retry_after_header
-from relay.rules import BodyError, RouteSet, order_key, request_document
+from relay.rules import BodyError, RouteSet, is_slack_challenge, order_key, request_document
 from relay.signing import Verdict, verify
 from relay.tail import Subscription, Tail
 from relay.text import json_bytes, json_text, storable
@@ -401,15 +401,6 @@ def dedupe_key(
     if value is None or value == "":
         return None
     return storable(value) if isinstance(value, str) else json_text(value)
-
-
-def is_slack_challenge(document: Mapping[str, Any]) -> bool:
-    body = document.get("body")
-    return (
-        isinstance(body, dict)
-        and body.get("type") == "url_verification"
-        and isinstance(body.get("challenge"), str)
-    )
 
 
 def meta_handshake(request: Request, source: SourceConfig) -> Response:

@@ -309,6 +309,16 @@ def order_key(target: TargetConfig, document: Mapping[str, Any]) -> str | None:
     return storable(value) if isinstance(value, str) else json_text(value)
 
 
+def is_slack_challenge(document: Mapping[str, Any]) -> bool:
+    """Slack's url_verification handshake: answered with its challenge, never journaled."""
+    body = document.get("body")
+    return (
+        isinstance(body, dict)
+        and body.get("type") == "url_verification"
+        and isinstance(body.get("challenge"), str)
+    )
+
+
 def header_key(name: str) -> str:
     """`X-GitHub-Event` -> `x_github_event`."""
     return name.lower().replace("-", "_")

@@ -211,6 +211,29 @@ targets = ["svc"]
     assert len(svc.requests) > seen
 
 
+def test_relay_test_shows_a_slack_handshake_as_the_daemon_answers_it(tmp_path: Path) -> None:
+    """A Slack url_verification body on a `challenge = "slack"` source is a handshake: the
+    dry run plans no route and no delivery, as the daemon journals nothing for it."""
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        '[sources.slack]\nverify = { scheme = "slack", secret = "s" }\nchallenge = "slack"\n'
+        '[targets.console]\nurl = "log:"\n[[routes]]\nname = "r"\nsource = "slack"\n'
+        'targets = ["console"]\n'
+    )
+    config.chmod(0o600)
+    body = '{"type": "url_verification", "challenge": "abc"}'
+    command = [sys.executable, "-m", "relay", "test", "-c", str(config), "--source", "slack",
+               "--data", body]  # fmt: skip
+    text = subprocess.run(command, capture_output=True, text=True, check=True, timeout=60)
+    assert "a slack handshake: the daemon answers it with its challenge" in text.stdout
+    plan = json.loads(
+        subprocess.run(
+            [*command, "--json"], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+    )
+    assert (plan["handshake"], plan["routes"], plan["requests"]) == ("slack", [], [])
+
+
 def test_relay_test_masks_a_token_header_whatever_its_name(tmp_path: Path) -> None:
     """A token source's credential header (here `X-Shared`, a name that does not look like
     one) is shown as *** in `relay test`'s planned request unless --show-secrets."""
