@@ -252,20 +252,24 @@ async def _sweep_removed(
 ) -> None:
     """Deliveries whose target is gone from the config, or whose route is (`gone_routes`:
     name -> its targets, from the config before a reload), end dead ("target removed",
-    SPEC §4's wording for both)."""
+    SPEC §4's wording for both). Not those with an attempt under way: the lane ends them
+    when it records the attempt. (A route removed while relay was stopped is not known
+    here: its deliveries end dead when they next fall due.)"""
     journal, config = running.journal, running.config
     reason = "target removed"
+    skip = running.deliverer.attempting()  # their lanes end them, so each is reported once
     try:
         for target in sorted(await journal.pending_targets() - set(config.targets)):
-            report_dead(
-                running.metrics, await journal.kill_pending(target=target, reason=reason), reason
-            )
+            killed = await journal.kill_pending(target=target, reason=reason, skip=skip)
+            report_dead(running.metrics, killed, reason)
         current = {route.name for route in config.routes}
         for route, targets in sorted((gone_routes or {}).items()):
             if route in current:  # re-added since
                 continue
             for target in targets:
-                killed = await journal.kill_pending(target=target, route=route, reason=reason)
+                killed = await journal.kill_pending(
+                    target=target, route=route, reason=reason, skip=skip
+                )
                 report_dead(running.metrics, killed, reason)
     except JournalError as error:
         log.error("journal.write_failed", error=str(error))

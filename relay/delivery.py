@@ -190,6 +190,7 @@ class Lane:
         self._window = max(16, 4 * target.concurrency)
         self._ready: deque[DueDelivery] = deque()
         self._held: set[str] = set()  # in the window, in flight, or outcome not yet committed
+        self.attempting: set[str] = set()  # sent (or being sent), outcome not yet committed
         self._wake = asyncio.Event()  # new work may be due
         self._poke = asyncio.Event()  # the lane's own state changed (pause, reload, stop)
         self._nothing_waiting = False  # paused, and nothing pending when last looked
@@ -480,6 +481,13 @@ class Lane:
         if self.ordering:
             self._wake.set()  # the next delivery of its key may now go
 
+    def _removed(self, delivery: DueDelivery) -> bool:
+        """Its route or its target is gone from the current config (a reload)."""
+        settings = self._settings()
+        return (
+            delivery.route not in settings.routes or self.target.name not in settings.config.targets
+        )
+
     def _prepare(
         self, delivery: DueDelivery, target: TargetConfig, settings: Settings, now_s: float
     ) -> OutboundRequest | str:
@@ -513,6 +521,7 @@ class Lane:
         the attempt when it is committed)."""
         attempt = delivery.attempts + 1
         started = time.perf_counter()
+        self.attempting.add(delivery.id)
         self.in_flight += 1
         try:
             if target.is_log:
@@ -543,6 +552,10 @@ class Lane:
             failure=result.failure,
             retry_after_s=policy.retry_after_for(result.status, result.retry_after, decided_at_s),
         )
+        if step.outcome is policy.Outcome.RETRY and self._removed(delivery):
+            # A reload removed its route or target while it was in flight; the sweep left it
+            # to this attempt, so that its end is reported once.
+            step = policy.Step(policy.Outcome.DEAD, reason="target removed")
         record = AttemptRecord(
             delivery_id=delivery.id,
             event_id=delivery.event_id,
@@ -569,6 +582,7 @@ class Lane:
         """The attempt's outcome is committed (or the write failed): log it, let go of it."""
         delivery = finished.delivery
         self._recording.discard(committed)
+        self.attempting.discard(delivery.id)
         self._release(delivery)
         error = None if committed.cancelled() else committed.exception()
         if error is not None:
@@ -782,6 +796,7 @@ class Deliverer:
     ) -> None:
         self._services = LaneServices(self._current, journal, client, tail, metrics)
         self._retiring: set[asyncio.Task[int]] = set()
+        self._retiring_lanes: set[Lane] = set()  # removed by a reload, finishing
         self.settings: Settings | None = None
         self.lanes: dict[str, Lane] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
@@ -817,6 +832,7 @@ class Deliverer:
         removed = [name for name in self.lanes if name not in config.targets]
         for name in removed:
             lane = self.lanes.pop(name)
+            self._retiring_lanes.add(lane)
             lane.stop_taking()
             self._runners.pop(name).cancel()
             retiring = asyncio.create_task(lane.finish(grace_s))
@@ -824,13 +840,19 @@ class Deliverer:
             retiring.add_done_callback(self._retiring.discard)
             # Its last attempts may leave deliveries pending again (a retry recorded over
             # the "target removed" sweep): a lane of the same name, re-added since, reads.
-            retiring.add_done_callback(functools.partial(self._retired, name))
+            retiring.add_done_callback(functools.partial(self._retired, name, lane))
         return removed
 
-    def _retired(self, name: str, _finished: asyncio.Task[int]) -> None:
+    def _retired(self, name: str, retired: Lane, _finished: asyncio.Task[int]) -> None:
+        self._retiring_lanes.discard(retired)
         lane = self.lanes.get(name)
         if lane is not None:
             lane.wake()
+
+    def attempting(self) -> frozenset[str]:
+        """The deliveries whose attempt is under way (their lane reports how they end)."""
+        lanes = [*self.lanes.values(), *self._retiring_lanes]
+        return frozenset(delivery_id for lane in lanes for delivery_id in lane.attempting)
 
     def accepted(self, event: NewEvent) -> None:
         """Ingress committed `event`: its deliveries are offered to their lanes."""

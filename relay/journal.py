@@ -684,13 +684,18 @@ def _expire_older(target: str, created_before_ms: int, reason: str, limit: int) 
     return write
 
 
-def _kill_pending(target: str, route: str | None, reason: str, limit: int) -> WriteFn:
+def _kill_pending(
+    target: str, route: str | None, reason: str, limit: int, skip: Collection[str]
+) -> WriteFn:
+    skipped = sorted(skip)
+    not_skipped = f" AND id NOT IN ({','.join('?' * len(skipped))})" if skipped else ""
+
     def write(conn: sqlite3.Connection) -> list[DeadDelivery]:
         # The target first: the pending deliveries' index finds them without a table scan.
         rows = conn.execute(
             f"SELECT {_DEAD_COLUMNS} FROM deliveries WHERE target = ? AND status = 'pending'"
-            " AND (?2 IS NULL OR route = ?2) LIMIT ?3",
-            (target, route, limit),
+            f" AND (? IS NULL OR route = ?){not_skipped} LIMIT ?",
+            (target, route, route, *skipped, limit),
         ).fetchall()
         return _make_dead(conn, rows, reason)
 
@@ -925,11 +930,17 @@ class Journal:
         return expired
 
     async def kill_pending(
-        self, *, target: str, route: str | None = None, reason: str
+        self,
+        *,
+        target: str,
+        route: str | None = None,
+        reason: str,
+        skip: Collection[str] = (),
     ) -> list[DeadDelivery]:
-        """Make every pending delivery of a target (of one route only, if given) dead."""
+        """Make every pending delivery of a target (of one route only, if given) dead, but
+        those in `skip` (attempts under way: their lanes record how they end)."""
         killed: list[DeadDelivery] = []
-        while batch := await self._write(_kill_pending(target, route, reason, 500)):
+        while batch := await self._write(_kill_pending(target, route, reason, 500, skip)):
             killed += batch
         return killed
 

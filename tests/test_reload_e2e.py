@@ -186,6 +186,35 @@ async def test_a_removed_route_leaves_its_waiting_deliveries_dead_at_once(
     assert 'relay_deliveries_total{outcome="dead",target="b"} 1.0' in page
 
 
+async def test_a_route_removed_during_an_attempt_ends_it_once(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A delivery whose route is removed while its attempt is in flight is left to that
+    attempt: when the target then fails, the delivery ends dead ("target removed") with
+    one `delivery.dead` line and one count, not a sweep's and the attempt's both."""
+    a, b = await receivers(), await receivers()
+    b.gate = asyncio.Event()
+    b.default = (503, {}, b"down")
+    port = free_port()
+    daemon = await daemons(config(tmp_path, port, a, b, extra_route=True))
+    _, reply, _ = await daemon.post("/hooks/app", {"copy": True})
+    await eventually(lambda: b.current == 1)
+    daemon.config_path.write_text(config(tmp_path, port, a, b, extra_route=False))
+    await reload_and_wait(daemon, "config.reloaded")
+    b.gate.set()
+    dead = await daemon.wait_log("delivery.dead", event_id=reply["id"], target="b")
+    assert (dead["reason"], dead["status"], dead["attempt"]) == ("target removed", 503, 1)
+    rows = daemon.query("SELECT status, attempts, last_error FROM deliveries WHERE target = 'b'")
+    assert rows == [("dead", 1, "target removed")]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(daemon.admin_url("/metrics")) as response,
+    ):
+        page = await response.text()
+    assert 'relay_deliveries_total{outcome="dead",target="b"} 1.0' in page
+    assert len([line for line in daemon.events("delivery.dead") if line["target"] == "b"]) == 1
+
+
 async def test_a_removed_target_can_be_re_added_and_its_dead_deliveries_replayed(
     tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
 ) -> None:
