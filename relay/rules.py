@@ -360,9 +360,12 @@ def is_json_type(content_type: str) -> bool:
     return kind == "application/json" or kind.endswith("+json")
 
 
-# An integer orjson would turn into a float: at least 19 digits (2**63 has 19). Digits in
-# strings match too; their body then merely takes the exact parser, with the same result.
-_LONG_INTEGER = re.compile(rb"\d{19}")
+# An integer orjson would turn into a float has at least 19 digits (2**63 has 19). Found
+# by mapping every digit to "0" and everything else to " " (one C pass, ~0.5 us per KiB;
+# a regex took 8 us per KiB). Digits in strings count too: their body then merely takes
+# the exact parser, with the same result.
+_DIGITS_ONLY = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_LONG_INTEGER = b"0" * 19
 
 
 def _refuse_constant(name: str) -> Any:
@@ -376,9 +379,10 @@ def _finite(text: str) -> float:
     return number
 
 
-def _parse_json_exactly(data: bytes, orjson_error: str | None) -> Any:
+def _parse_json_exactly(data: bytes, orjson_error: str | None, parsed: Any = None) -> Any:
     """JSON with integers of any size kept exact (orjson makes those beyond 64 bits floats);
-    NaN, Infinity and numbers beyond a double's range refused. Else BodyError."""
+    NaN, Infinity and numbers beyond a double's range refused. Else BodyError. `parsed`
+    is orjson's value when it took the body: kept if the exact parser cannot go as deep."""
     try:
         return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -386,7 +390,9 @@ def _parse_json_exactly(data: bytes, orjson_error: str | None) -> Any:
     except ValueError as error:  # NaN, Infinity, out of range
         reason = str(error)
     except RecursionError:
-        reason = orjson_error or "nested too deeply"
+        if orjson_error is None:
+            return parsed
+        reason = orjson_error
     raise BodyError(f"body is not valid JSON: {reason}")
 
 
@@ -401,7 +407,9 @@ def parse_body(content_type: str, body: bytes) -> Any:
             if not body.strip():  # looked at only now: strip() copies the body
                 return None  # an empty body declared as JSON: no payload, not an error
             return _parse_json_exactly(data, str(error))
-        return _parse_json_exactly(data, None) if _LONG_INTEGER.search(data) else value
+        if _LONG_INTEGER in data.translate(_DIGITS_ONLY):
+            return _parse_json_exactly(data, None, value)
+        return value
     text = body.decode("utf-8", errors="replace")
     if kind == "application/x-www-form-urlencoded":
         fields: dict[str, Any] = {}

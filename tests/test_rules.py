@@ -424,6 +424,11 @@ def test_integers_beyond_64_bits_stay_exact_for_filters_and_transforms() -> None
     assert json_bytes(compile_expression("{id: id}").search(body)) == b'{"id":18446744073709551617}'
     digits_in_text = b'{"s": "12345678901234567890", "f": 1.5}'
     assert parse_body("application/json", digits_in_text) == {"s": "12345678901234567890", "f": 1.5}
+    deep = b"[" * 1010 + b'"1234567890123456789012"' + b"]" * 1010  # orjson goes to 1024
+    value = parse_body("application/json", deep)
+    for _ in range(1010):
+        (value,) = value
+    assert value == "1234567890123456789012"
 
 
 @pytest.mark.parametrize(
