@@ -282,7 +282,8 @@ class _Writer:
                 return
             if _is_disk_trouble(error):  # a bad row (constraint, encoding) is not a bad disk
                 self.healthy = False
-                self.recovery_bytes = max(self.recovery_bytes, _size_bytes(batch[0].fn))
+                failed_bytes = min(_size_bytes(batch[0].fn), MAX_PROBE_BYTES)
+                self.recovery_bytes = max(self.recovery_bytes, failed_bytes)
             self._loop.call_soon_threadsafe(_settle, batch, None, JournalError(str(error)))
             return
         if self.healthy or sum(_size_bytes(w.fn) for w in batch) >= self.recovery_bytes:
@@ -337,7 +338,11 @@ def _batch_scheduling() -> None:
 
 
 def _is_disk_trouble(error: Exception) -> bool:
-    return isinstance(error, sqlite3.Error) and not isinstance(error, sqlite3.IntegrityError)
+    # Not a broken constraint, nor a value over SQLite's length limit (DataError: "string
+    # or blob too big"): those are bad rows, which a probe could never clear.
+    return isinstance(error, sqlite3.Error) and not isinstance(
+        error, sqlite3.IntegrityError | sqlite3.DataError
+    )
 
 
 def _batched(fn: WriteFn) -> bool:
@@ -565,6 +570,9 @@ def _drop_probe(conn: sqlite3.Connection) -> None:
 
 
 _ROW_OVERHEAD_BYTES = 1024  # an event's columns besides its body, roughly
+# The largest probe: a disk that takes this much again is taken for recovered (a probe as
+# large as a 900 MB body would hold the writer for seconds, and SQLite stops at 1 GB).
+MAX_PROBE_BYTES = 64 * 2**20
 
 
 def _size_bytes(fn: WriteFn) -> int:

@@ -170,6 +170,21 @@ async def test_an_attempt_finishing_after_its_delivery_died_still_counts(tmp_pat
         assert attempts == [(1, 500), (2, 200)]
 
 
+async def test_a_value_over_sqlites_length_limit_is_a_bad_row_not_a_bad_disk(
+    tmp_path: Path,
+) -> None:
+    """A body SQLite refuses as too big fails alone and leaves the journal healthy: read as
+    disk trouble, it set a probe as large as that body, which could never succeed, and the
+    daemon stayed not ready until restarted."""
+    async with open_journal(tmp_path / "j.db", "normal") as journal:
+        journal._writer._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 100_000)  # for 1 GB
+        with pytest.raises(JournalError, match="too big"):
+            await journal.append(new_event(1000, body=b"x" * 200_000))
+        assert journal.healthy
+        assert await journal.probe() is True
+        assert await journal.append(new_event(1001)) is None
+
+
 async def test_prune_deletes_only_old_finished_events(tmp_path: Path) -> None:
     """Retention removes finished events past the cutoff with their deliveries and attempts."""
     async with open_journal(tmp_path / "j.db", "normal") as journal:
