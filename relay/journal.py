@@ -28,7 +28,7 @@ import aiosqlite
 import orjson
 
 from relay.ids import ulid_floor
-from relay.text import json_text
+from relay.text import json_text, storable
 
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000
@@ -465,9 +465,9 @@ WHERE id = :e
 
 def _last_error(record: AttemptRecord) -> str | None:
     if record.outcome == "dead":
-        return record.reason
+        return None if record.reason is None else storable(record.reason)
     if record.error is not None:
-        return record.error
+        return storable(record.error)
     if record.status is None or record.outcome == "delivered":
         return None
     return f"HTTP {record.status}"
@@ -478,7 +478,8 @@ def _record_attempts(conn: sqlite3.Connection, records: Sequence[AttemptRecord])
     conn.executemany(
         "INSERT OR REPLACE INTO attempts (delivery_id, n, started_at_ms, ms, status, error,"
         " response) VALUES (?,?,?,?,?,?,?)",
-        [(r.delivery_id, r.n, r.started_at_ms, r.ms, r.status, r.error, r.response)
+        [(r.delivery_id, r.n, r.started_at_ms, r.ms, r.status, r.error and storable(r.error),
+          r.response)
          for r in records],
     )  # fmt: skip
     conn.executemany(
@@ -666,6 +667,7 @@ def _make_dead(
     conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], reason: str
 ) -> list[DeadDelivery]:
     """Pending deliveries (`_DEAD_COLUMNS`) end dead with `reason`; their events follow."""
+    reason = storable(reason)  # it may quote a sender's text (a transform's error)
     conn.executemany(
         "UPDATE deliveries SET status = 'dead', last_error = ? WHERE id = ? AND status = 'pending'",
         [(reason, row[0]) for row in rows],

@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 from relay.model import RouteConfig, SourceConfig, TargetConfig, VerifyConfig
 from relay.rules import BodyError, request_document
 from relay.signing import sign
-from relay.text import json_bytes
+from relay.text import json_bytes, storable
 
 # Headers that frame a request on its connection: the HTTP client writes its own, so a
 # config may not set them (relay.config) and the client never takes them from a caller.
@@ -110,9 +110,11 @@ def transform_body(
         )
         return json_bytes(route.transform.search(document))
     except BodyError as error:
-        raise TransformError(f"transform input: {error}") from None
+        raise TransformError(storable(f"transform input: {error}")) from None
     except Exception as error:  # noqa: BLE001 - whatever a transform raises kills the delivery
-        raise TransformError(f"transform failed: {type(error).__name__}: {error}") from None
+        raise TransformError(
+            storable(f"transform failed: {type(error).__name__}: {error}")
+        ) from None
 
 
 def build_request(

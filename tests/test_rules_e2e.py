@@ -177,6 +177,33 @@ targets = ["svc"]
     assert daemon.query("SELECT status FROM events WHERE id = ?", (bad["id"],)) == [("dead",)]
 
 
+async def test_a_transform_error_quoting_a_lone_surrogate_is_stored(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A transform error that quotes a lone surrogate from the body (valid JSON) is stored
+    with U+FFFD: the delivery ends dead at once, instead of failing its journal write and
+    holding the lane off every 2 s until max_age."""
+    svc = await receivers()
+    daemon = await daemons(
+        server_toml(tmp_path)
+        + f"""
+[sources.app]
+[targets.svc]
+url = "{svc.url}"
+[[routes]]
+name = "size"
+source = "app"
+transform = "{{v: abs(body.s)}}"
+targets = ["svc"]
+"""
+    )
+    _, odd, _ = await daemon.post("/hooks/app", b'{"s": "\\ud800"}')
+    dead = await daemon.wait_log("delivery.dead", event_id=odd["id"])
+    assert "\ufffd" in dead["reason"]
+    assert daemon.query("SELECT status FROM events WHERE id = ?", (odd["id"],)) == [("dead",)]
+    assert not daemon.events("journal.write_failed")
+
+
 async def test_fixing_a_transform_repairs_unfinished_deliveries(
     tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
 ) -> None:
