@@ -19,6 +19,7 @@ import hmac
 import inspect
 import ipaddress
 import logging
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -27,6 +28,7 @@ from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_exceptions import HTTPException
 from aiohttp.web_protocol import RequestPayloadError
 
@@ -676,18 +678,23 @@ async def listen(
 
 
 class _RefusedOnAdmin(logging.Handler):
-    """aiohttp's report of a request it could not parse on the admin listener (a bad
-    head, framing or method) as one `admin.rejected` line with the reason, instead of
-    its "Error handling request" traceback on stderr."""
+    """aiohttp's reports on the admin listener as one line each: a request it could not
+    parse (a bad head, framing or method) as `admin.rejected` with the reason (without the
+    bytes it quotes), instead of its "Error handling request" traceback on stderr; any
+    other error (a bug behind a 500) as `admin.internal_error` with its traceback."""
 
     def emit(self, record: logging.LogRecord) -> None:
         error = record.exc_info[1] if record.exc_info else None
         remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
-        # aiohttp's parse errors carry their one-line reason in `message`.
-        text = str(getattr(error, "message", None) or error or record.getMessage())
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        reason = lines[0].split(": b'")[0] if lines else repr(error)  # not the bytes it quotes
+        if not isinstance(error, HttpProcessingError):
+            log.error("admin.internal_error", remote=remote, exc_info=record.exc_info or False)
+            return
+        lines = [line.strip() for line in str(error.message or error).splitlines()]
+        reason = _QUOTED_BYTES.split(next((line for line in lines if line), repr(error)))[0]
         log.info("admin.rejected", remote=remote, reason=reason)
+
+
+_QUOTED_BYTES = re.compile(r":? (?:bytearray\()?b['\"]")  # where aiohttp quotes the request
 
 
 _ADMIN_ERRORS = logging.getLogger("relay.admin.http")
