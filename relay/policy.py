@@ -64,7 +64,7 @@ class Step:
     reason: str | None = None
 
 
-# How long before `max_age` runs out the last try is due (see `next_step`).
+# How long before `max_age` runs out the last try is due, at most (see `next_step`).
 LAST_TRY_LEAD_S = 1.0
 
 
@@ -87,10 +87,12 @@ def next_step(
     does exactly that). It can lengthen the wait, never shorten it below the backoff,
     and is capped at `retry.max_s`; `max_age` and `attempts` still win over it.
 
-    A retry the backoff would put past `max_age` is moved to one last try
-    `LAST_TRY_LEAD_S` before the deadline (so a wake-up a little late still finds the
-    delivery young enough to try); the delivery is dead only when that leaves less than
-    `LAST_TRY_LEAD_S` to wait, or when the target's Retry-After asks for later.
+    A retry the backoff would put past `max_age` is moved to one last try a lead before
+    the deadline (`LAST_TRY_LEAD_S`, or a tenth of a shorter `max_age`), so that a
+    wake-up a little late still finds the delivery young enough to try, or to the time
+    the target's Retry-After asks for if that is later but still within `max_age`. The
+    delivery is dead only when that leaves less than the lead to wait, or when the
+    Retry-After asks for a time past `max_age`.
     """
     if outcome is Outcome.DELIVERED:
         return Step(Outcome.DELIVERED)
@@ -100,13 +102,16 @@ def next_step(
         return Step(Outcome.DEAD, reason=f"gave up after {_attempts(attempt)}: {failure}")
     wait_s = None if retry_after_s is None else min(retry_after_s, retry.max_s)
     next_at_s = now_s + max(backoff_s(attempt, retry, jitter), wait_s or 0.0)
-    last_try_s = received_at_s + retry.max_age_s - LAST_TRY_LEAD_S
-    if next_at_s <= last_try_s:
+    deadline_s = received_at_s + retry.max_age_s
+    lead_s = min(LAST_TRY_LEAD_S, retry.max_age_s / 10)
+    if next_at_s <= deadline_s - lead_s:
         return Step(Outcome.RETRY, next_at_s=next_at_s)
-    if wait_s is not None and now_s + wait_s > last_try_s:
-        reason = f"Retry-After {retry_after_s:g}s goes past max_age after {_attempts(attempt)}"
+    earliest_s = now_s + (wait_s or 0.0)  # not before the target's Retry-After
+    if earliest_s > deadline_s:
+        reason = f"Retry-After {wait_s:g}s goes past max_age after {_attempts(attempt)}"
         return Step(Outcome.DEAD, reason=f"{reason}: {failure}")
-    if last_try_s - now_s >= LAST_TRY_LEAD_S:  # the backoff would pass max_age: a last try
+    last_try_s = max(deadline_s - lead_s, earliest_s)  # the backoff would pass max_age
+    if last_try_s - now_s >= lead_s:
         return Step(Outcome.RETRY, next_at_s=last_try_s)
     return Step(Outcome.DEAD, reason=f"max_age exceeded after {_attempts(attempt)}: {failure}")
 

@@ -279,6 +279,35 @@ def test_a_backoff_longer_than_max_age_still_leaves_a_last_try() -> None:
     assert step == Step(Outcome.RETRY, next_at_s=119.0)
 
 
+def test_a_short_max_age_still_gets_its_retries() -> None:
+    """With `max_age` under a second the lead shrinks to a tenth of it: a 900 ms window
+    with a 100 ms first backoff still retries (a fixed one-second lead gave none)."""
+    retry = RetryConfig(attempts=10, first_s=0.1, max_s=0.1, max_age_s=0.9)
+    now_s, attempts = 0.0, 1
+    while True:
+        step = next_step(
+            outcome=Outcome.RETRY, attempt=attempts, retry=retry, received_at_s=0.0,
+            now_s=now_s, jitter=1.0, failure="HTTP 503",
+        )  # fmt: skip
+        if step.outcome is Outcome.DEAD:
+            break
+        assert step.next_at_s is not None
+        assert step.next_at_s <= 0.9
+        now_s, attempts = step.next_at_s, attempts + 1
+    assert attempts >= 5
+
+
+def test_a_retry_after_within_max_age_but_past_the_lead_is_honoured() -> None:
+    """A Retry-After of 2 s at 27.5 s into a 30 s `max_age` is retried at 29.5 s: within
+    max_age, and not before the target asked (later than the usual last-try time)."""
+    retry = RetryConfig(attempts=12, first_s=5.0, max_s=3600.0, max_age_s=30.0)
+    step = next_step(
+        outcome=Outcome.RETRY, attempt=2, retry=retry, received_at_s=0.0, now_s=27.5,
+        jitter=0.0, failure="HTTP 503 Service Unavailable", retry_after_s=2.0,
+    )  # fmt: skip
+    assert step == Step(Outcome.RETRY, next_at_s=29.5)
+
+
 def test_dead_when_max_age_is_about_to_pass() -> None:
     """With less than a second to wait before the last try's time, the delivery ends dead,
     saying max_age, the attempt count and the last failure."""
