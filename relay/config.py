@@ -26,7 +26,7 @@ import secrets
 import ssl
 import stat
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
@@ -503,9 +503,9 @@ def without_password(url: str) -> str:
 
 
 def shown_url(config: Config, target: TargetConfig) -> str:
-    """A target's URL as summaries show it: "***" when it was interpolated (`${...}` may be
-    a token in its query or its whole path, as in Slack's webhook URLs), else without its
-    password."""
+    """A target's URL as summaries and `relay config` show it: "***" when it was
+    interpolated (`${...}` may be a token in its query or its whole path, as in Slack's
+    webhook URLs), else without its password."""
     if _join(_join("targets", target.name), "url") in config.secret_paths:
         return MASK
     return without_password(target.url)
@@ -578,6 +578,7 @@ class _Context:
     interpolated: set[str] = field(default_factory=set)
     secret_paths: set[str] = field(default_factory=set)
     literal_secrets: dict[str, None] = field(default_factory=dict)
+    check_tls: bool = True  # load the TLS certificate and key (not for admin commands)
 
     def error(self, path: str, message: str) -> None:
         self.errors.append(f"{self.file}: {path}: {message}")
@@ -669,6 +670,19 @@ def _read_secret_file(path: Path, reference: str) -> str:
     return text.removesuffix("\n")
 
 
+def _interpolated_strings(ctx: _Context, path: str, value: Any) -> Iterator[str]:
+    """The non-empty strings at or under `path` that came from ${...}."""
+    if isinstance(value, str):
+        if value and path in ctx.interpolated:
+            yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _interpolated_strings(ctx, _join(path, key), item)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _interpolated_strings(ctx, f"{path}[{i}]", item)
+
+
 def _interpolate_tree(ctx: _Context, value: Any, path: str) -> Any:
     if isinstance(value, str):
         return _interpolate(ctx, value, path)
@@ -722,10 +736,14 @@ class _Table:
         return default
 
     def _shown(self, key: str, message: str) -> str:
-        """`message` without the value of `key` if that came from ${...} (may be a secret)."""
-        value = self.data[key]
-        if self.key(key) in self.ctx.interpolated and isinstance(value, str) and value:
-            return message.replace(value, MASK)
+        """`message` without the values under `key` that came from ${...} (may be secrets):
+        quoted ones always, bare ones of 8 characters or more (a short one would mask
+        ordinary words), each also as `without_password` shows a URL."""
+        for text in _interpolated_strings(self.ctx, self.key(key), self.data[key]):
+            for form in {text, without_password(text)}:
+                message = message.replace(f'"{form}"', f'"{MASK}"')
+                if len(form) >= 8:
+                    message = message.replace(form, MASK)
         return message
 
     def require(self, key: str, convert: Callable[[Any], T], default: D) -> T | D:
@@ -905,7 +923,7 @@ def _build_server(ctx: _Context, table: _Table) -> ServerConfig:
     if table.ok("tls_cert", "tls_key") and bool(tls_cert) != bool(tls_key):
         missing = "tls_key" if tls_cert else "tls_cert"
         table.fail(missing, "tls_cert and tls_key go together: set both, or neither")
-    elif tls_cert and table.ok("tls_cert", "tls_key"):
+    elif tls_cert and table.ok("tls_cert", "tls_key") and ctx.check_tls:
         _check_tls(table, ctx.resolve(tls_cert), ctx.resolve(tls_key))
     return ServerConfig(
         listen=listen,
@@ -1140,8 +1158,8 @@ def _build_target(
     ctx: _Context, table: _Table, name: str, defaults: DefaultsConfig
 ) -> TargetConfig:
     url = table.require("url", _url, "log:")
-    if urlsplit(url).password:  # sent as Authorization: Basic, so a credential
-        ctx.note_secret(table.key("url"), url)
+    if urlsplit(url).password and table.key("url") not in ctx.interpolated:
+        ctx.literal_secrets[table.key("url")] = None  # sent as Authorization: Basic
     sign_table = table.table("sign", _SIGN_KEYS)
     ordered = table.get("ordered", _bool, False)
     order_key = table.get("order_key", _expression, None)
@@ -1305,8 +1323,10 @@ def _toml_error(file: str, error: tomllib.TOMLDecodeError) -> str:
     return f"{file}: end of file: invalid TOML: {message}"
 
 
-def _parse(text: str, path: Path, env: Mapping[str, str]) -> tuple[Config, list[str]]:
-    ctx = _Context(file=str(path), folder=path.parent, env=env)
+def _parse(
+    text: str, path: Path, env: Mapping[str, str], check_tls: bool = True
+) -> tuple[Config, list[str]]:
+    ctx = _Context(file=str(path), folder=path.parent, env=env, check_tls=check_tls)
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -1322,10 +1342,12 @@ def parse(text: str, *, path: Path, env: Mapping[str, str]) -> Config:
     return _parse(text, path, env)[0]
 
 
-def load(path: Path, env: Mapping[str, str] | None = None) -> Config:
+def load(path: Path, env: Mapping[str, str] | None = None, *, check_tls: bool = True) -> Config:
     """Read and validate the config file at `path` (env defaults to os.environ).
 
     Also warns when the file is readable by group or others and holds literal secrets.
+    `check_tls=False` skips loading the TLS key: the admin commands only need addresses,
+    and may run as a user who cannot read it.
     """
     try:
         text = path.read_bytes().decode("utf-8")
@@ -1333,7 +1355,7 @@ def load(path: Path, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError([f"{path}: cannot read config: {error.strerror or error}"]) from None
     except UnicodeDecodeError as error:
         raise ConfigError([f"{path}: not UTF-8 text (bad byte at offset {error.start})"]) from None
-    config, literal_secrets = _parse(text, path, os.environ if env is None else env)
+    config, literal_secrets = _parse(text, path, os.environ if env is None else env, check_tls)
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except OSError:
@@ -1395,7 +1417,7 @@ def _retry_dict(retry: RetryConfig) -> dict[str, Any]:
 
 def _target_dict(target: TargetConfig) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "url": target.url,
+        "url": without_password(target.url),  # an interpolated one is masked whole later
         "method": target.method,
         "timeout": format_duration(target.timeout_s),
         "concurrency": target.concurrency,

@@ -597,6 +597,9 @@ def test_tls_files_that_cannot_be_loaded_are_config_errors(tmp_path: Path) -> No
     error = one_error('[server]\ntls_cert = "c.pem"\ntls_key = "nope.key"\n', tmp_path)
     missing = tmp_path / "nope.key"
     assert error == f"relay.toml: server.tls_key: cannot read {missing}: No such file or directory"
+    text = '[server]\ntls_cert = "c.pem"\ntls_key = "nope.key"\n'
+    for_admin_commands = load(write(tmp_path, text), env={}, check_tls=False)  # status, ...
+    assert for_admin_commands.server.tls_key == missing
     trustme.CA().issue_cert("other").private_key_pem.write_to_path(str(tmp_path / "other.key"))
     error = one_error('[server]\ntls_cert = "c.pem"\ntls_key = "other.key"\n', tmp_path)
     assert error.startswith(f"relay.toml: server.tls_cert: cannot load {tmp_path / 'c.pem'} with")
@@ -799,7 +802,8 @@ set_headers = { X-Auth-Token = "literal2" }
     (warning,) = [w for w in config.warnings if "readable by other users" in w]
     for path in ("targets.ci.url", "targets.ci.headers.Authorization", "set_headers.X-Auth-Token"):
         assert path in warning
-    assert shown_url(config, config.targets["ci"]) == "***"
+    assert shown_url(config, config.targets["ci"]) == "https://deploy:***@ci.example.com/hook"
+    assert 'url = "https://deploy:***@ci.example.com/hook"' in effective_toml(config)
     assert "pass-literal" not in effective_toml(config)
 
 
@@ -819,6 +823,26 @@ url = "${CI_URL}"
     assert 'targets.from-env.url: expected an absolute http(s) URL or "log:", got "***"' in message
     assert "S3CR3T" not in message
     assert "TOKEN42" not in message
+
+
+def test_errors_mask_interpolated_values_exactly(tmp_path: Path) -> None:
+    """A value from ${...} is masked in its error also as a URL without its password and
+    as a list item; a short one (not a secret) does not mask the words of the message."""
+    text = """
+[server]
+allow_networks = ["${NET}"]
+[log]
+level = "${LVL}"
+[targets.t]
+url = "${CI_URL}"
+"""
+    env = {"NET": "SeCrEt-123", "LVL": "e", "CI_URL": "https://u:pw@example.com:99999/SeCrEt-456"}
+    with pytest.raises(ConfigError) as raised:
+        load(write(tmp_path, text), env=env)
+    message = "\n".join(raised.value.errors)
+    assert "SeCrEt" not in message
+    assert 'targets.t.url: invalid port in URL "***"' in message
+    assert 'log.level: invalid value "***" (expected one of "debug"' in message
 
 
 def test_summaries_show_urls_without_secrets(tmp_path: Path) -> None:
