@@ -39,7 +39,14 @@ from relay.journal import Journal, JournalError, NewDelivery, NewEvent
 from relay.metrics import Metrics
 from relay.model import Address, Config, Rate, SourceConfig
 from relay.policy import TokenBucket, retry_after_header
-from relay.rules import BodyError, RouteSet, is_slack_challenge, order_key, request_document
+from relay.rules import (
+    BodyError,
+    RouteSet,
+    is_slack_challenge,
+    order_key,
+    reads_body,
+    request_document,
+)
 from relay.signing import Verdict, verify
 from relay.tail import Subscription, Tail
 from relay.text import json_bytes, json_text, storable
@@ -77,6 +84,9 @@ class Routing:
     config: Config
     by_path: Mapping[str, SourceConfig] = field(default_factory=dict)
     routes: Mapping[str, RouteSet] = field(default_factory=dict)
+    # Sources whose body some rule reads at ingest (filter, dedupe key, order key): only
+    # those need integers beyond 64 bits exact (`parse_body`).
+    reads_body: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, config: Config) -> Routing:
@@ -84,7 +94,24 @@ class Routing:
             config,
             {s.path: s for s in config.sources.values()},
             {name: RouteSet(config.routes_of(name)) for name in config.sources},
+            frozenset(name for name in config.sources if _rules_read_body(config, name)),
         )
+
+
+def _rules_read_body(config: Config, source_name: str) -> bool:
+    source = config.sources[source_name]
+    routes = config.routes_of(source_name)
+    expressions = [
+        *(route.filter for route in routes),
+        source.dedupe.key if source.dedupe else None,
+        *(config.targets[name].order_key for route in routes for name in route.targets),
+    ]
+    body_dedupe = (
+        source.dedupe is not None
+        and source.dedupe.key is None
+        and (source.verify is not None and source.verify.scheme in ("stripe", "slack"))
+    )  # the provider's id is read from the body (`dedupe_key`)
+    return body_dedupe or any(e is not None and reads_body(e) for e in expressions)
 
 
 class Rejected(Exception):
@@ -260,6 +287,7 @@ class Inbound:
                 body=body,
                 received_at_ms=received_ms,
                 max_body_bytes=source.max_body_bytes,
+                exact_numbers=source.name in routing.reads_body,
             )
         except BodyError as error:
             raise Rejected(error.status, str(error)) from None

@@ -432,6 +432,34 @@ def test_integers_beyond_64_bits_stay_exact_for_filters_and_transforms() -> None
 
 
 @pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("headers.x_github_event == 'push'", False),
+        ("source == 'gh' && contains(headers.user_agent, 'GitHub')", False),
+        ("body.action == 'opened'", True),
+        ("length(body.commits[*].id) > `1`", True),
+        ("values(@)", True),
+        ("*.action", True),
+        ("headers.*", True),  # a projection's current node: counted as reading, to be safe
+    ],
+)
+def test_reads_body_tells_which_rules_may_see_the_body(text: str, expected: bool) -> None:
+    """Only rules that may see the body make ingress parse its numbers exactly; one that
+    reads headers alone leaves the body merely validated (its integers never seen)."""
+    assert rules.reads_body(compile_expression(text)) is expected
+
+
+def test_without_exact_numbers_a_body_is_only_validated() -> None:
+    """`exact_numbers=False` (no rule reads the body) keeps orjson's value as is, and
+    still refuses what is not JSON."""
+    assert parse_body("application/json", b'{"id": 18446744073709551617}', False) == {
+        "id": 1.8446744073709552e19
+    }
+    with pytest.raises(BodyError, match="NaN"):
+        parse_body("application/json", b'{"a": NaN}', False)
+
+
+@pytest.mark.parametrize(
     ("raw", "reason"),
     [
         (b'{"a": NaN}', "NaN is not JSON"),

@@ -177,6 +177,31 @@ targets = ["svc"]
     assert daemon.query("SELECT status FROM events WHERE id = ?", (bad["id"],)) == [("dead",)]
 
 
+async def test_integers_beyond_64_bits_are_exact_for_filters_and_transforms(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A filter on a 20-digit id matches it exactly at ingest, and a transform sends it
+    back digit for digit (orjson alone gives both a float)."""
+    svc = await receivers()
+    daemon = await daemons(
+        server_toml(tmp_path)
+        + f"""
+[sources.app]
+[targets.svc]
+url = "{svc.url}"
+[[routes]]
+name = "big"
+source = "app"
+filter = "body.id == `18446744073709551617`"
+transform = "{{id: body.id}}"
+targets = ["svc"]
+"""
+    )
+    _, reply, _ = await daemon.post("/hooks/app", b'{"id": 18446744073709551617}')
+    assert reply["deliveries"] == 1
+    await eventually(lambda: [r.body for r in svc.requests] == [b'{"id":18446744073709551617}'])
+
+
 async def test_a_transform_error_quoting_a_lone_surrogate_is_stored(
     tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
 ) -> None:
