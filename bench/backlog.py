@@ -2,10 +2,10 @@
 
 Writes N pending deliveries (default 1,000,000) for one target straight into a journal,
 with the target paused in the `targets` table, starts the real daemon on it and reports
-the time from start to `/readyz` 200 and the resident memory once ready; then, with
-`--drain`, lets a local receiver come back and reports the drain rate.
+the time from start to `/readyz` 200 and the resident memory once ready. (The drain rate
+once the target is back is measured by `python -m bench --only backlog`.)
 
-Usage: python bench/backlog.py [--count 1000000] [--drain]
+Usage: python bench/backlog.py [--count 1000000]
 """
 
 from __future__ import annotations

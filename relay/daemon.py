@@ -253,8 +253,8 @@ async def _sweep_removed(
     """Deliveries whose target is gone from the config, or whose route is (`gone_routes`:
     name -> its targets, from the config before a reload), end dead ("target removed",
     SPEC §4's wording for both). Not those with an attempt under way: the lane ends them
-    when it records the attempt. (A route removed while relay was stopped is not known
-    here: its deliveries end dead when they next fall due.)"""
+    when it records the attempt. (Routes removed while relay was stopped: maintenance's
+    first step, `_sweep_routes_gone_while_stopped`.)"""
     journal, config = running.journal, running.config
     reason = "target removed"
     skip = running.deliverer.attempting()  # their lanes end them, so each is reported once
@@ -273,6 +273,24 @@ async def _sweep_removed(
                 report_dead(running.metrics, killed, reason)
     except JournalError as error:
         log.error("journal.write_failed", error=str(error))
+
+
+async def _sweep_routes_gone_while_stopped(running: Running) -> None:
+    """Pending deliveries of routes the config no longer has (removed while relay was
+    stopped) end dead at once, not when each falls due. Off the way to ready: the query
+    reads every pending delivery."""
+    try:
+        pending = await running.journal.pending_routes()
+    except Exception as error:  # noqa: BLE001 - a tidy-up must not stop maintenance
+        log.error("journal.maintenance_failed", error=str(error))
+        return
+    known = {route.name for route in running.config.routes}
+    gone: dict[str, tuple[str, ...]] = {}
+    for target, route in sorted(pending):
+        if route not in known and target in running.config.targets:
+            gone[route] = (*gone.get(route, ()), target)
+    if gone:
+        await _sweep_removed(running, gone)
 
 
 async def _log_started(running: Running) -> None:
@@ -301,8 +319,10 @@ async def _pending(journal: Journal) -> int | None:
 
 
 async def _maintain(running: Running) -> None:
-    """From the start and then on a timer: checkpoint the WAL, delete events past `retention`."""
+    """From the start and then on a timer: checkpoint the WAL, delete events past `retention`.
+    Once, first: end the deliveries of routes removed while relay was stopped."""
     journal = running.journal
+    await _sweep_routes_gone_while_stopped(running)
     next_prune = time.monotonic()
     while True:
         config = running.config  # the current one: retention may change on reload

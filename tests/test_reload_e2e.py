@@ -186,6 +186,29 @@ async def test_a_removed_route_leaves_its_waiting_deliveries_dead_at_once(
     assert 'relay_deliveries_total{outcome="dead",target="b"} 1.0' in page
 
 
+async def test_a_route_removed_while_relay_was_stopped_ends_its_deliveries_after_start(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A route removed from the file while relay was stopped (its target kept): the
+    delivery waiting an hour for its retry ends dead ("target removed") soon after the
+    start, not when the retry falls due."""
+    a, b = await receivers(), await receivers()
+    b.default = (503, {}, b"down")
+    port = free_port()
+    slow_retry = 'url = "' + b.url + '"\nretry = { first = "1h", max = "1h" }'
+    text = config(tmp_path, port, a, b, extra_route=True).replace(f'url = "{b.url}"', slow_retry)
+    daemon = await daemons(text)
+    _, reply, _ = await daemon.post("/hooks/app", {"copy": True})
+    await daemon.wait_log("delivery.failed", event_id=reply["id"], target="b")
+    assert await daemon.stop() == 0
+    without_route = config(tmp_path, port, a, b, extra_route=False)
+    daemon.config_path.write_text(without_route.replace(f'url = "{b.url}"', slow_retry))
+    count = len(daemon.lines)
+    await daemon.start()
+    dead = await daemon.wait_log("delivery.dead", after=count, event_id=reply["id"])
+    assert (dead["target"], dead["route"], dead["reason"]) == ("b", "to-b", "target removed")
+
+
 async def test_a_route_removed_during_an_attempt_ends_it_once(
     tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
 ) -> None:
