@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final, TypeVar, cast
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import tomli_w
 
@@ -494,12 +494,16 @@ def _url(value: Any) -> str:
 
 def without_password(url: str) -> str:
     """`url` with the password of its user information (`user:password@`) shown as "***"."""
-    scheme, separator, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    user_info, at, host = authority.rpartition("@")
-    if not separator or not at or ":" not in user_info:
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
         return url
-    return f"{scheme}://{user_info.split(':', 1)[0]}:{MASK}@{host}{slash}{path}"
+    if password is None:
+        return url
+    user_info, _, host = parts.netloc.rpartition("@")
+    user = user_info.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}"))
 
 
 def shown_url(config: Config, target: TargetConfig) -> str:

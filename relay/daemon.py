@@ -35,7 +35,7 @@ from relay.ingress import (
     listen_inbound,
     make_ssl_context,
 )
-from relay.journal import Journal, JournalError, open_journal
+from relay.journal import DeadDelivery, Journal, JournalError, open_journal
 from relay.metrics import Metrics, TargetState
 from relay.model import Config
 from relay.netpolicy import NetworkPolicy
@@ -252,25 +252,27 @@ async def _sweep_removed(
 ) -> None:
     """Deliveries whose target is gone from the config, or whose route is (`gone_routes`:
     name -> its targets, from the config before a reload), end dead ("target removed",
-    SPEC §4's wording for both). Not those with an attempt under way: the lane ends them
-    when it records the attempt. (Routes removed while relay was stopped: maintenance's
-    first step, `_sweep_routes_gone_while_stopped`.)"""
+    SPEC §4's wording for both). Those with an attempt under way end dead too (so that a
+    lane of a re-added target does not send them again), but their lane tells how they
+    ended, once: a retry as dead "target removed", a 2xx as delivered. (Routes removed
+    while relay was stopped: maintenance's first step, `_sweep_routes_gone_while_stopped`.)"""
     journal, config = running.journal, running.config
     reason = "target removed"
-    skip = running.deliverer.attempting()  # their lanes end them, so each is reported once
+    attempting = running.deliverer.attempting()
+
+    def report(killed: list[DeadDelivery]) -> None:
+        told = [dead for dead in killed if dead.delivery_id not in attempting]
+        report_dead(running.metrics, told, reason)
+
     try:
         for target in sorted(await journal.pending_targets() - set(config.targets)):
-            killed = await journal.kill_pending(target=target, reason=reason, skip=skip)
-            report_dead(running.metrics, killed, reason)
+            report(await journal.kill_pending(target=target, reason=reason))
         current = {route.name for route in config.routes}
         for route, targets in sorted((gone_routes or {}).items()):
             if route in current:  # re-added since
                 continue
             for target in targets:
-                killed = await journal.kill_pending(
-                    target=target, route=route, reason=reason, skip=skip
-                )
-                report_dead(running.metrics, killed, reason)
+                report(await journal.kill_pending(target=target, route=route, reason=reason))
     except JournalError as error:
         log.error("journal.write_failed", error=str(error))
 

@@ -477,6 +477,7 @@ class Lane:
     def _release(self, delivery: DueDelivery) -> None:
         """The delivery's outcome is committed (or it stays pending): out of the lane's hands."""
         self._held.discard(delivery.id)
+        self.attempting.discard(delivery.id)
         self._poke.set()  # a probe's result changes the pause
         if self.ordering:
             self._wake.set()  # the next delivery of its key may now go
@@ -553,8 +554,8 @@ class Lane:
             retry_after_s=policy.retry_after_for(result.status, result.retry_after, decided_at_s),
         )
         if step.outcome is policy.Outcome.RETRY and self._removed(delivery):
-            # A reload removed its route or target while it was in flight; the sweep left it
-            # to this attempt, so that its end is reported once.
+            # A reload removed its route or target while it was in flight: the sweep made
+            # it dead and left the report to this attempt, so that its end is told once.
             step = policy.Step(policy.Outcome.DEAD, reason="target removed")
         record = AttemptRecord(
             delivery_id=delivery.id,
@@ -582,7 +583,6 @@ class Lane:
         """The attempt's outcome is committed (or the write failed): log it, let go of it."""
         delivery = finished.delivery
         self._recording.discard(committed)
-        self.attempting.discard(delivery.id)
         self._release(delivery)
         error = None if committed.cancelled() else committed.exception()
         if error is not None:
@@ -850,7 +850,7 @@ class Deliverer:
             lane.wake()
 
     def attempting(self) -> frozenset[str]:
-        """The deliveries whose attempt is under way (their lane reports how they end)."""
+        """The deliveries whose attempt is under way: their lanes report how they end."""
         lanes = [*self.lanes.values(), *self._retiring_lanes]
         return frozenset(delivery_id for lane in lanes for delivery_id in lane.attempting)
 

@@ -694,18 +694,13 @@ def _expire_older(target: str, created_before_ms: int, reason: str, limit: int) 
     return write
 
 
-def _kill_pending(
-    target: str, route: str | None, reason: str, limit: int, skip: Collection[str]
-) -> WriteFn:
-    skipped = sorted(skip)
-    not_skipped = f" AND id NOT IN ({','.join('?' * len(skipped))})" if skipped else ""
-
+def _kill_pending(target: str, route: str | None, reason: str, limit: int) -> WriteFn:
     def write(conn: sqlite3.Connection) -> list[DeadDelivery]:
         # The target first: the pending deliveries' index finds them without a table scan.
         rows = conn.execute(
             f"SELECT {_DEAD_COLUMNS} FROM deliveries WHERE target = ? AND status = 'pending'"
-            f" AND (? IS NULL OR route = ?){not_skipped} LIMIT ?",
-            (target, route, route, *skipped, limit),
+            " AND (?2 IS NULL OR route = ?2) LIMIT ?3",
+            (target, route, limit),
         ).fetchall()
         return _make_dead(conn, rows, reason)
 
@@ -940,17 +935,11 @@ class Journal:
         return expired
 
     async def kill_pending(
-        self,
-        *,
-        target: str,
-        route: str | None = None,
-        reason: str,
-        skip: Collection[str] = (),
+        self, *, target: str, route: str | None = None, reason: str
     ) -> list[DeadDelivery]:
-        """Make every pending delivery of a target (of one route only, if given) dead, but
-        those in `skip` (attempts under way: their lanes record how they end)."""
+        """Make every pending delivery of a target (of one route only, if given) dead."""
         killed: list[DeadDelivery] = []
-        while batch := await self._write(_kill_pending(target, route, reason, 500, skip)):
+        while batch := await self._write(_kill_pending(target, route, reason, 500)):
             killed += batch
         return killed
 

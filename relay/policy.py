@@ -91,8 +91,8 @@ def next_step(
     the deadline (`LAST_TRY_LEAD_S`, or a tenth of a shorter `max_age`), so that a
     wake-up a little late still finds the delivery young enough to try, or to the time
     the target's Retry-After asks for if that is later but still within `max_age`. The
-    delivery is dead only when that leaves less than the lead to wait, or when the
-    Retry-After asks for a time past `max_age`.
+    delivery is dead only when less than the lead is left before `max_age` (an attempt
+    that ended after it, say), or when the Retry-After asks for a time past it.
     """
     if outcome is Outcome.DELIVERED:
         return Step(Outcome.DELIVERED)
@@ -106,14 +106,13 @@ def next_step(
     lead_s = min(LAST_TRY_LEAD_S, retry.max_age_s / 10)
     if next_at_s <= deadline_s - lead_s:
         return Step(Outcome.RETRY, next_at_s=next_at_s)
-    earliest_s = now_s + (wait_s or 0.0)  # not before the target's Retry-After
-    if earliest_s > deadline_s:
+    if now_s + lead_s > deadline_s:  # no time left for another try
+        return Step(Outcome.DEAD, reason=f"max_age exceeded after {_attempts(attempt)}: {failure}")
+    if wait_s is not None and now_s + wait_s > deadline_s:
         reason = f"Retry-After {wait_s:g}s goes past max_age after {_attempts(attempt)}"
         return Step(Outcome.DEAD, reason=f"{reason}: {failure}")
-    last_try_s = max(deadline_s - lead_s, earliest_s)  # the backoff would pass max_age
-    if last_try_s - now_s >= lead_s:
-        return Step(Outcome.RETRY, next_at_s=last_try_s)
-    return Step(Outcome.DEAD, reason=f"max_age exceeded after {_attempts(attempt)}: {failure}")
+    # The backoff would pass max_age: one last try, not before the target's Retry-After.
+    return Step(Outcome.RETRY, next_at_s=max(deadline_s - lead_s, now_s + (wait_s or 0.0)))
 
 
 def _attempts(count: int) -> str:

@@ -22,6 +22,7 @@ from relay.config import (
     parse_size,
     shown_url,
     starter_toml,
+    without_password,
 )
 from relay.model import Address, Rate
 
@@ -843,6 +844,25 @@ url = "${CI_URL}"
     assert "SeCrEt" not in message
     assert 'targets.t.url: invalid port in URL "***"' in message
     assert 'log.level: invalid value "***" (expected one of "debug"' in message
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "https://deploy:S3CR3T@ci.example.com:99999/hook",
+            "https://deploy:***@ci.example.com:99999/hook",
+        ),
+        ("https://user:pw@host.example?to=a@b", "https://user:***@host.example?to=a@b"),
+        ("https://api.example.com?at=12:30@utc", "https://api.example.com?at=12:30@utc"),
+        ("https://user@host.example/x", "https://user@host.example/x"),
+        ("log:", "log:"),
+    ],
+)
+def test_without_password_masks_only_a_password(url: str, shown: str) -> None:
+    """Only the password of the user information is masked; an "@" or ":" in the query is
+    not taken for one, and the host stays."""
+    assert without_password(url) == shown
 
 
 def test_summaries_show_urls_without_secrets(tmp_path: Path) -> None:

@@ -308,16 +308,18 @@ def test_a_retry_after_within_max_age_but_past_the_lead_is_honoured() -> None:
     assert step == Step(Outcome.RETRY, next_at_s=29.5)
 
 
-def test_dead_when_max_age_is_about_to_pass() -> None:
-    """With less than a second to wait before the last try's time, the delivery ends dead,
-    saying max_age, the attempt count and the last failure."""
+@pytest.mark.parametrize("now_s", [3599.5, 3600.0, 3650.0])
+def test_dead_when_max_age_is_about_to_pass_or_past(now_s: float) -> None:
+    """With less than the lead left before `max_age` (or an attempt that ended after it,
+    a slow target's timeout say) the delivery ends dead, saying max_age, the attempt
+    count and the last failure; with no Retry-After, never a Retry-After reason."""
     retry = RetryConfig(attempts=100, first_s=60.0, max_s=600.0, max_age_s=3600.0)
     step = next_step(
         outcome=Outcome.RETRY,
         attempt=5,
         retry=retry,
         received_at_s=0.0,
-        now_s=3598.5,
+        now_s=now_s,
         jitter=0.5,
         failure="HTTP 500 Internal Server Error",
     )
@@ -326,6 +328,21 @@ def test_dead_when_max_age_is_about_to_pass() -> None:
         next_at_s=None,
         reason="max_age exceeded after 5 attempts: HTTP 500 Internal Server Error",
     )
+    with_wait = next_step(
+        outcome=Outcome.RETRY, attempt=5, retry=retry, received_at_s=0.0, now_s=now_s,
+        jitter=0.5, failure="HTTP 503", retry_after_s=0.0,
+    )  # fmt: skip
+    assert with_wait.reason == "max_age exceeded after 5 attempts: HTTP 503"
+
+
+def test_a_last_try_shortly_before_max_age_is_still_made() -> None:
+    """1.5 s before `max_age` (more than the lead) the last try is due at the lead."""
+    retry = RetryConfig(attempts=100, first_s=60.0, max_s=600.0, max_age_s=3600.0)
+    step = next_step(
+        outcome=Outcome.RETRY, attempt=5, retry=retry, received_at_s=0.0, now_s=3598.5,
+        jitter=0.5, failure="HTTP 500",
+    )  # fmt: skip
+    assert step == Step(Outcome.RETRY, next_at_s=3599.0)
 
 
 def test_retry_due_before_the_last_try_time_is_kept() -> None:

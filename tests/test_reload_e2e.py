@@ -186,6 +186,37 @@ async def test_a_removed_route_leaves_its_waiting_deliveries_dead_at_once(
     assert 'relay_deliveries_total{outcome="dead",target="b"} 1.0' in page
 
 
+async def test_a_target_removed_and_re_added_during_an_attempt_is_sent_once(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A target removed while an attempt to it hangs, then added back: the delivery in
+    flight ends dead ("target removed", replayable) and the new lane does not send it a
+    second time beside the first; later events to the target are delivered."""
+    a, b = await receivers(), await receivers()
+    b.gate = asyncio.Event()
+    port = free_port()
+    with_b = config(tmp_path, port, a, b, extra_route=True)
+    daemon = await daemons(with_b)
+    _, first, _ = await daemon.post("/hooks/app", {"copy": True})
+    await eventually(lambda: b.current == 1)
+    daemon.config_path.write_text(
+        config(tmp_path, port, a, b, extra_route=False).replace(
+            f'[targets.b]\nurl = "{b.url}"\n', ""
+        )
+    )
+    await reload_and_wait(daemon, "config.reloaded")
+    daemon.config_path.write_text(with_b)
+    await reload_and_wait(daemon, "config.reloaded")
+    b.gate.set()
+    _, second, _ = await daemon.post("/hooks/app", {"copy": True})
+    await daemon.wait_log("delivery.succeeded", event_id=second["id"], target="b")
+    assert b.event_ids().count(first["id"]) == 1
+    rows = daemon.query(
+        "SELECT status FROM deliveries WHERE event_id = ? AND target = 'b'", (first["id"],)
+    )
+    assert rows in ([("dead",)], [("delivered",)])  # the first attempt's answer came after
+
+
 async def test_a_route_removed_while_relay_was_stopped_ends_its_deliveries_after_start(
     tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
 ) -> None:
