@@ -35,7 +35,7 @@ from relay.ingress import (
     listen_inbound,
     make_ssl_context,
 )
-from relay.journal import DeadDelivery, Journal, JournalError, open_journal
+from relay.journal import Journal, JournalError, open_journal
 from relay.metrics import Metrics, TargetState
 from relay.model import Config
 from relay.netpolicy import NetworkPolicy
@@ -237,8 +237,10 @@ class Reloader:
         self, delay_s: float, gone_routes: Mapping[str, tuple[str, ...]]
     ) -> None:
         await asyncio.sleep(delay_s)
-        # The config current *then*: a target re-added meanwhile must keep its deliveries.
-        await _sweep_removed(self._running, gone_routes)
+        # The config current *then*: a target re-added meanwhile must keep its deliveries;
+        # and no reload in between (the lock), which could re-add one during the sweep.
+        async with self._lock:
+            await _sweep_removed(self._running, gone_routes)
 
 
 async def _serve_reload_requests(requests: asyncio.Queue[None], reloader: Reloader) -> None:
@@ -252,47 +254,24 @@ async def _sweep_removed(
 ) -> None:
     """Deliveries whose target is gone from the config, or whose route is (`gone_routes`:
     name -> its targets, from the config before a reload), end dead ("target removed",
-    SPEC §4's wording for both). Those with an attempt under way end dead too (so that a
-    lane of a re-added target does not send them again), but their lane tells how they
-    ended, once: a retry as dead "target removed", a 2xx as delivered. (Routes removed
-    while relay was stopped: maintenance's first step, `_sweep_routes_gone_while_stopped`.)"""
-    journal, config = running.journal, running.config
-    reason = "target removed"
-    attempting = running.deliverer.attempting()
-
-    def report(killed: list[DeadDelivery]) -> None:
-        told = [dead for dead in killed if dead.delivery_id not in attempting]
-        report_dead(running.metrics, told, reason)
-
+    SPEC §4's wording for both), each reported here once. Those with an attempt under
+    way too (a lane of a re-added target must not send them again): their lane adds the
+    attempt and stays silent. A route removed while relay was stopped is not known here:
+    its deliveries end dead when they next fall due (a sweep by route at start would read
+    the whole pending backlog)."""
+    journal, reason = running.journal, "target removed"
     try:
-        for target in sorted(await journal.pending_targets() - set(config.targets)):
-            report(await journal.kill_pending(target=target, reason=reason))
-        current = {route.name for route in config.routes}
+        for target in sorted(await journal.pending_targets() - set(running.config.targets)):
+            async for killed in journal.kill_pending(target=target, reason=reason):
+                report_dead(running.metrics, killed, reason)
         for route, targets in sorted((gone_routes or {}).items()):
-            if route in current:  # re-added since
-                continue
             for target in targets:
-                report(await journal.kill_pending(target=target, route=route, reason=reason))
-    except JournalError as error:
+                if route in {r.name for r in running.config.routes}:  # re-added since
+                    break
+                async for killed in journal.kill_pending(target=target, route=route, reason=reason):
+                    report_dead(running.metrics, killed, reason)
+    except Exception as error:  # noqa: BLE001 - a sweep's failure must not stop a reload or the start
         log.error("journal.write_failed", error=str(error))
-
-
-async def _sweep_routes_gone_while_stopped(running: Running) -> None:
-    """Pending deliveries of routes the config no longer has (removed while relay was
-    stopped) end dead at once, not when each falls due. Off the way to ready: the query
-    reads every pending delivery."""
-    try:
-        pending = await running.journal.pending_routes()
-    except Exception as error:  # noqa: BLE001 - a tidy-up must not stop maintenance
-        log.error("journal.maintenance_failed", error=str(error))
-        return
-    known = {route.name for route in running.config.routes}
-    gone: dict[str, tuple[str, ...]] = {}
-    for target, route in sorted(pending):
-        if route not in known and target in running.config.targets:
-            gone[route] = (*gone.get(route, ()), target)
-    if gone:
-        await _sweep_removed(running, gone)
 
 
 async def _log_started(running: Running) -> None:
@@ -321,10 +300,8 @@ async def _pending(journal: Journal) -> int | None:
 
 
 async def _maintain(running: Running) -> None:
-    """From the start and then on a timer: checkpoint the WAL, delete events past `retention`.
-    Once, first: end the deliveries of routes removed while relay was stopped."""
+    """From the start and then on a timer: checkpoint the WAL, delete events past `retention`."""
     journal = running.journal
-    await _sweep_routes_gone_while_stopped(running)
     next_prune = time.monotonic()
     while True:
         config = running.config  # the current one: retention may change on reload

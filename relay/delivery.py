@@ -190,7 +190,6 @@ class Lane:
         self._window = max(16, 4 * target.concurrency)
         self._ready: deque[DueDelivery] = deque()
         self._held: set[str] = set()  # in the window, in flight, or outcome not yet committed
-        self.attempting: set[str] = set()  # sent (or being sent), outcome not yet committed
         self._wake = asyncio.Event()  # new work may be due
         self._poke = asyncio.Event()  # the lane's own state changed (pause, reload, stop)
         self._nothing_waiting = False  # paused, and nothing pending when last looked
@@ -205,7 +204,7 @@ class Lane:
         self._gate = asyncio.Lock()  # held by the one worker that waits for work
         self._workers: dict[int, asyncio.Task[None]] = {}
         self._attempting: set[asyncio.Task[None]] = set()  # workers inside an attempt
-        self._recording: set[asyncio.Future[None]] = set()  # outcomes not yet committed
+        self._recording: set[asyncio.Future[bool | None]] = set()  # outcomes not committed yet
         self._stopping = False
         self._staffed = False  # run() restored the pause and started the workers
         self._stopped = asyncio.Event()
@@ -477,17 +476,9 @@ class Lane:
     def _release(self, delivery: DueDelivery) -> None:
         """The delivery's outcome is committed (or it stays pending): out of the lane's hands."""
         self._held.discard(delivery.id)
-        self.attempting.discard(delivery.id)
         self._poke.set()  # a probe's result changes the pause
         if self.ordering:
             self._wake.set()  # the next delivery of its key may now go
-
-    def _removed(self, delivery: DueDelivery) -> bool:
-        """Its route or its target is gone from the current config (a reload)."""
-        settings = self._settings()
-        return (
-            delivery.route not in settings.routes or self.target.name not in settings.config.targets
-        )
 
     def _prepare(
         self, delivery: DueDelivery, target: TargetConfig, settings: Settings, now_s: float
@@ -522,7 +513,6 @@ class Lane:
         the attempt when it is committed)."""
         attempt = delivery.attempts + 1
         started = time.perf_counter()
-        self.attempting.add(delivery.id)
         self.in_flight += 1
         try:
             if target.is_log:
@@ -553,10 +543,6 @@ class Lane:
             failure=result.failure,
             retry_after_s=policy.retry_after_for(result.status, result.retry_after, decided_at_s),
         )
-        if step.outcome is policy.Outcome.RETRY and self._removed(delivery):
-            # A reload removed its route or target while it was in flight: the sweep made
-            # it dead and left the report to this attempt, so that its end is told once.
-            step = policy.Step(policy.Outcome.DEAD, reason="target removed")
         record = AttemptRecord(
             delivery_id=delivery.id,
             event_id=delivery.event_id,
@@ -579,8 +565,10 @@ class Lane:
         finished = Finished(delivery, target, attempt, result, step, elapsed_ms, retry_in_s)
         committed.add_done_callback(functools.partial(self._recorded, finished))
 
-    def _recorded(self, finished: Finished, committed: asyncio.Future[None]) -> None:
-        """The attempt's outcome is committed (or the write failed): log it, let go of it."""
+    def _recorded(self, finished: Finished, committed: asyncio.Future[bool | None]) -> None:
+        """The attempt's outcome is committed (or the write failed): log it, let go of it.
+        Not if the delivery had already ended: a sweep made it dead (target or route
+        removed, max_age while paused) during the attempt and reported that end."""
         delivery = finished.delivery
         self._recording.discard(committed)
         self._release(delivery)
@@ -588,6 +576,8 @@ class Lane:
         if error is not None:
             log.error("journal.write_failed", error=str(error), delivery_id=delivery.id)
             self._hold_off()  # still pending in the journal: attempted again once it writes
+            return
+        if committed.result():
             return
         if finished.step.outcome is policy.Outcome.RETRY:  # due again at next_at_s
             wait_s = (finished.step.next_at_s or 0.0) - time.time()
@@ -796,7 +786,6 @@ class Deliverer:
     ) -> None:
         self._services = LaneServices(self._current, journal, client, tail, metrics)
         self._retiring: set[asyncio.Task[int]] = set()
-        self._retiring_lanes: set[Lane] = set()  # removed by a reload, finishing
         self.settings: Settings | None = None
         self.lanes: dict[str, Lane] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
@@ -832,7 +821,6 @@ class Deliverer:
         removed = [name for name in self.lanes if name not in config.targets]
         for name in removed:
             lane = self.lanes.pop(name)
-            self._retiring_lanes.add(lane)
             lane.stop_taking()
             self._runners.pop(name).cancel()
             retiring = asyncio.create_task(lane.finish(grace_s))
@@ -840,19 +828,13 @@ class Deliverer:
             retiring.add_done_callback(self._retiring.discard)
             # Its last attempts may leave deliveries pending again (a retry recorded over
             # the "target removed" sweep): a lane of the same name, re-added since, reads.
-            retiring.add_done_callback(functools.partial(self._retired, name, lane))
+            retiring.add_done_callback(functools.partial(self._retired, name))
         return removed
 
-    def _retired(self, name: str, retired: Lane, _finished: asyncio.Task[int]) -> None:
-        self._retiring_lanes.discard(retired)
+    def _retired(self, name: str, _finished: asyncio.Task[int]) -> None:
         lane = self.lanes.get(name)
         if lane is not None:
             lane.wake()
-
-    def attempting(self) -> frozenset[str]:
-        """The deliveries whose attempt is under way: their lanes report how they end."""
-        lanes = [*self.lanes.values(), *self._retiring_lanes]
-        return frozenset(delivery_id for lane in lanes for delivery_id in lane.attempting)
 
     def accepted(self, event: NewEvent) -> None:
         """Ingress committed `event`: its deliveries are offered to their lanes."""

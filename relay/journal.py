@@ -309,11 +309,15 @@ class _Writer:
         try:
             if appends:
                 _insert_events(conn, appends)
-            if records:
-                _record_attempts(conn, records)
+            ended = _record_attempts(conn, records) if records else frozenset()
             results = (
                 [None if _batched(fn) else fn(conn) for fn in fns] if others else [None] * len(fns)
             )
+            if ended:  # a record's result: had its delivery already ended (swept dead)?
+                results = [
+                    fn.record.delivery_id in ended if isinstance(fn, _Record) else result
+                    for fn, result in zip(fns, results, strict=True)
+                ]
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -473,8 +477,18 @@ def _last_error(record: AttemptRecord) -> str | None:
     return f"HTTP {record.status}"
 
 
-def _record_attempts(conn: sqlite3.Connection, records: Sequence[AttemptRecord]) -> None:
-    """Attempts and the deliveries' new states: three statements, however many attempts."""
+def _record_attempts(conn: sqlite3.Connection, records: Sequence[AttemptRecord]) -> frozenset[str]:
+    """Attempts and the deliveries' new states: four statements, however many attempts.
+    Returns the deliveries that had already ended (made dead by a sweep while their attempt
+    was under way): their state stays as it is, only the attempt is added."""
+    marks = ",".join("?" * len(records))
+    ended = frozenset(
+        row[0]
+        for row in conn.execute(
+            f"SELECT id FROM deliveries WHERE status != 'pending' AND id IN ({marks})",
+            [r.delivery_id for r in records],
+        )
+    )
     conn.executemany(
         "INSERT OR REPLACE INTO attempts (delivery_id, n, started_at_ms, ms, status, error,"
         " response) VALUES (?,?,?,?,?,?,?)",
@@ -483,19 +497,20 @@ def _record_attempts(conn: sqlite3.Connection, records: Sequence[AttemptRecord])
          for r in records],
     )  # fmt: skip
     conn.executemany(
-        # A retry never revives a delivery made dead meanwhile (its target was removed
-        # while the attempt was in flight): no lane would send it again. Its attempt
-        # still counts, so that a replay numbers the next one after it.
+        # A delivery made dead meanwhile (its target or route removed, or max_age reached
+        # while paused, during the attempt) stays dead: that end was reported when it was
+        # made. Its attempt still counts, so that a replay numbers the next one after it.
         "UPDATE deliveries SET attempts = max(attempts, ?2),"
-        " status = iif(status = 'pending' OR ?1 != 'pending', ?1, status),"
-        " next_at_ms = iif(status = 'pending' OR ?1 != 'pending', ?3, next_at_ms),"
-        " last_error = iif(status = 'pending' OR ?1 != 'pending', ?4, last_error)"
+        " status = iif(status = 'pending', ?1, status),"
+        " next_at_ms = iif(status = 'pending', ?3, next_at_ms),"
+        " last_error = iif(status = 'pending', ?4, last_error)"
         " WHERE id = ?5",
         [(r.outcome, r.n, r.next_at_ms, _last_error(r), r.delivery_id) for r in records],
     )
     stamp = now_ms()
     finished = {r.event_id for r in records if r.outcome != "pending"}
     conn.executemany(_EVENT_STATUS_SQL, [{"e": event_id, "now": stamp} for event_id in finished])
+    return ended
 
 
 class _Record:
@@ -506,8 +521,8 @@ class _Record:
     def __init__(self, record: AttemptRecord) -> None:
         self.record = record
 
-    def __call__(self, conn: sqlite3.Connection) -> None:
-        _record_attempts(conn, [self.record])
+    def __call__(self, conn: sqlite3.Connection) -> bool:
+        return self.record.delivery_id in _record_attempts(conn, [self.record])
 
 
 def _expire(delivery_id: str, event_id: str, reason: str, created_at_ms: int) -> WriteFn:
@@ -694,15 +709,23 @@ def _expire_older(target: str, created_before_ms: int, reason: str, limit: int) 
     return write
 
 
-def _kill_pending(target: str, route: str | None, reason: str, limit: int) -> WriteFn:
-    def write(conn: sqlite3.Connection) -> list[DeadDelivery]:
-        # The target first: the pending deliveries' index finds them without a table scan.
+_KillPosition = tuple[int, str]  # (next_at_ms, id) of the last delivery a batch killed
+
+
+def _kill_pending(
+    target: str, route: str | None, reason: str, limit: int, after: _KillPosition
+) -> WriteFn:
+    def write(conn: sqlite3.Connection) -> tuple[list[DeadDelivery], _KillPosition | None]:
+        # Along the pending deliveries' index, from where the last batch stopped: the
+        # deliveries of the target's other routes are passed over once, not every batch.
         rows = conn.execute(
-            f"SELECT {_DEAD_COLUMNS} FROM deliveries WHERE target = ? AND status = 'pending'"
-            " AND (?2 IS NULL OR route = ?2) LIMIT ?3",
-            (target, route, limit),
+            f"SELECT {_DEAD_COLUMNS}, next_at_ms FROM deliveries"
+            " WHERE target = ? AND status = 'pending' AND (next_at_ms, id) > (?, ?)"
+            " AND (? IS NULL OR route = ?) ORDER BY next_at_ms, id LIMIT ?",
+            (target, *after, route, route, limit),
         ).fetchall()
-        return _make_dead(conn, rows, reason)
+        killed = _make_dead(conn, [row[:-1] for row in rows], reason)
+        return killed, (int(rows[-1][-1]), str(rows[-1][0])) if len(rows) == limit else None
 
     return write
 
@@ -898,8 +921,9 @@ class Journal:
         """
         return self._writer.submit(_Append(event))
 
-    def record(self, record: AttemptRecord) -> asyncio.Future[None]:
-        """Commit an attempt and the delivery's new state (group-committed); a future."""
+    def record(self, record: AttemptRecord) -> asyncio.Future[bool | None]:
+        """Commit an attempt and the delivery's new state (group-committed); a future, True
+        when the delivery had already ended (made dead while its attempt was under way)."""
         return self._writer.submit(_Record(record))
 
     async def expire(
@@ -936,12 +960,14 @@ class Journal:
 
     async def kill_pending(
         self, *, target: str, route: str | None = None, reason: str
-    ) -> list[DeadDelivery]:
-        """Make every pending delivery of a target (of one route only, if given) dead."""
-        killed: list[DeadDelivery] = []
-        while batch := await self._write(_kill_pending(target, route, reason, 500)):
-            killed += batch
-        return killed
+    ) -> AsyncIterator[list[DeadDelivery]]:
+        """Make every pending delivery of a target (of one route only, if given) dead, in
+        transactions of up to 500; yields each one's deliveries once it is committed."""
+        after: _KillPosition | None = (-(2**63), "")
+        while after is not None:
+            killed, after = await self._write(_kill_pending(target, route, reason, 500, after))
+            if killed:
+                yield killed
 
     async def pending_targets(self) -> set[str]:
         """The targets that have pending deliveries."""
@@ -949,14 +975,6 @@ class Journal:
             "SELECT DISTINCT target FROM deliveries WHERE status = 'pending'"
         )
         return {str(row[0]) for row in rows}
-
-    async def pending_routes(self) -> set[tuple[str, str]]:
-        """The (target, route) pairs that have pending deliveries: a scan of the pending
-        ones (~0.5 s per million), so not on the way to ready."""
-        rows = await self._reader.execute_fetchall(
-            "SELECT DISTINCT target, route FROM deliveries WHERE status = 'pending'"
-        )
-        return {(str(row[0]), str(row[1])) for row in rows}
 
     async def oldest_pending_ms(self, target: str) -> int | None:
         """When the oldest pending delivery of `target` arrived (ids are time ordered)."""

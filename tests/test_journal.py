@@ -158,14 +158,15 @@ async def test_an_attempt_finishing_after_its_delivery_died_still_counts(tmp_pat
         event = new_event(1000)
         await journal.append(event)
         row = (event.deliveries[0].id, event.id)
-        await journal.kill_pending(target="svc", reason="target removed")
-        await journal.record(outcome(row, 1, "pending", next_at_ms=9000))
+        [killed] = [batch async for batch in journal.kill_pending(target="svc", reason="-")]
+        assert [dead.delivery_id for dead in killed] == [row[0]]
+        assert await journal.record(outcome(row, 1, "pending", next_at_ms=9000)) is True
         rows = await journal.fetch("SELECT status, attempts, last_error FROM deliveries")
-        assert rows == [("dead", 1, "target removed")]
+        assert rows == [("dead", 1, "-")]  # dead stays dead; its attempt counts
         await journal.requeue(Replay(event_id=event.id), {"svc"}, now_ms=2000)
         [due] = await journal.due("svc", now_ms=2000, limit=10)
         assert due.attempts + 1 == 2
-        await journal.record(outcome(row, due.attempts + 1, "delivered"))
+        assert await journal.record(outcome(row, due.attempts + 1, "delivered")) is None
         attempts = await journal.fetch("SELECT n, status FROM attempts ORDER BY n")
         assert attempts == [(1, 500), (2, 200)]
 
@@ -183,6 +184,38 @@ async def test_a_value_over_sqlites_length_limit_is_a_bad_row_not_a_bad_disk(
         assert journal.healthy
         assert await journal.probe() is True
         assert await journal.append(new_event(1001)) is None
+
+
+async def test_a_2xx_after_a_sweep_leaves_the_delivery_dead(tmp_path: Path) -> None:
+    """A delivery made dead while its attempt was under way stays dead even when that
+    attempt then gets a 2xx (the sweep reported its end; the record says it had ended)."""
+    async with open_journal(tmp_path / "j.db", "normal") as journal:
+        event = new_event(1000)
+        await journal.append(event)
+        row = (event.deliveries[0].id, event.id)
+        assert [b async for b in journal.kill_pending(target="svc", route="r", reason="gone")]
+        assert await journal.record(outcome(row, 1, "delivered")) is True
+        rows = await journal.fetch("SELECT status, attempts, last_error FROM deliveries")
+        assert rows == [("dead", 1, "gone")]
+        assert await journal.fetch("SELECT status FROM events") == [("dead",)]
+
+
+async def test_killing_one_routes_deliveries_passes_the_others_once(tmp_path: Path) -> None:
+    """`kill_pending` by route goes along the target's pending deliveries in batches of
+    500, from where the last stopped: all of one route's die, none of another's."""
+    async with open_journal(tmp_path / "j.db", "normal") as journal:
+        for n in range(1200):
+            event = new_event(1000 + n)
+            event = replace(
+                event, deliveries=[replace(event.deliveries[0], route=("r", "keep")[n % 2])]
+            )
+            await journal.append(event)
+        batches = [b async for b in journal.kill_pending(target="svc", route="r", reason="gone")]
+        assert [len(b) for b in batches] == [500, 100]
+        counts = await journal.fetch(
+            "SELECT route, status, count(*) FROM deliveries GROUP BY route, status ORDER BY route"
+        )
+        assert counts == [("keep", "pending", 600), ("r", "dead", 600)]
 
 
 async def test_prune_deletes_only_old_finished_events(tmp_path: Path) -> None:
