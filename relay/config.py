@@ -479,7 +479,7 @@ def _url(value: Any) -> str:
     url = _str(value)
     if url == "log:":
         return url
-    problem = f'expected an absolute http(s) URL or "log:", got "{without_password(url)}"'
+    problem = f'expected an absolute http(s) URL or "log:", got "{_url_for_error(url)}"'
     if any(c.isspace() for c in url):
         raise _Invalid(problem)
     parts = urlsplit(url)
@@ -488,7 +488,7 @@ def _url(value: Any) -> str:
     try:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        raise _Invalid(f'invalid port in URL "{without_password(url)}"') from None
+        raise _Invalid(f'invalid port in URL "{_url_for_error(url)}"') from None
     return url
 
 
@@ -504,6 +504,19 @@ def without_password(url: str) -> str:
     user_info, _, host = parts.netloc.rpartition("@")
     user = user_info.split(":", 1)[0]
     return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}"))
+
+
+def _url_for_error(url: str) -> str:
+    """`url` as an error shows it: as `without_password`, and also where a malformed URL
+    hides a password from the parser (`https://user:pa#ss@host/`: "#" starts a fragment)."""
+    shown = without_password(url)
+    if shown != url:
+        return shown
+    _, separator, rest = url.partition("://")
+    user_info, at, _ = rest.split("/", 1)[0].rpartition("@")
+    if separator and at and ":" in user_info:
+        return url.replace(user_info, user_info.split(":", 1)[0] + ":" + MASK, 1)
+    return url
 
 
 def shown_url(config: Config, target: TargetConfig) -> str:

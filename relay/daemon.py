@@ -35,7 +35,7 @@ from relay.ingress import (
     listen_inbound,
     make_ssl_context,
 )
-from relay.journal import Journal, JournalError, open_journal
+from relay.journal import Journal, open_journal
 from relay.metrics import Metrics, TargetState
 from relay.model import Config
 from relay.netpolicy import NetworkPolicy
@@ -111,8 +111,8 @@ async def serve(config: Config, shutdown_trigger: asyncio.Event | None = None) -
         stack.push_async_callback(inbound.close)
         deliverer.start(config)
         running = Running(config, journal, deliverer, inbound, admin, health, metrics)
-        await _sweep_removed(running)
-        maintenance = asyncio.create_task(_maintain(running))
+        swept = await _sweep_removed(running)
+        maintenance = asyncio.create_task(_maintain(running, sweep_again=not swept))
         if shutdown_trigger is None:  # a daemon process of its own, not an embedder's loop
             settle_gc()
         health.serving = True
@@ -251,14 +251,14 @@ async def _serve_reload_requests(requests: asyncio.Queue[None], reloader: Reload
 
 async def _sweep_removed(
     running: Running, gone_routes: Mapping[str, tuple[str, ...]] | None = None
-) -> None:
+) -> bool:
     """Deliveries whose target is gone from the config, or whose route is (`gone_routes`:
     name -> its targets, from the config before a reload), end dead ("target removed",
     SPEC §4's wording for both), each reported here once. Those with an attempt under
     way too (a lane of a re-added target must not send them again): their lane adds the
     attempt and stays silent. A route removed while relay was stopped is not known here:
     its deliveries end dead when they next fall due (a sweep by route at start would read
-    the whole pending backlog)."""
+    the whole pending backlog). False when it failed (logged)."""
     journal, reason = running.journal, "target removed"
     try:
         for target in sorted(await journal.pending_targets() - set(running.config.targets)):
@@ -272,6 +272,8 @@ async def _sweep_removed(
                     report_dead(running.metrics, killed, reason)
     except Exception as error:  # noqa: BLE001 - a sweep's failure must not stop a reload or the start
         log.error("journal.write_failed", error=str(error))
+        return False
+    return True
 
 
 async def _log_started(running: Running) -> None:
@@ -299,19 +301,22 @@ async def _pending(journal: Journal) -> int | None:
         return None
 
 
-async def _maintain(running: Running) -> None:
-    """From the start and then on a timer: checkpoint the WAL, delete events past `retention`."""
+async def _maintain(running: Running, *, sweep_again: bool = False) -> None:
+    """From the start and then on a timer: checkpoint the WAL, delete events past `retention`
+    (and, until it succeeds, the start's sweep of removed targets, if that failed)."""
     journal = running.journal
     next_prune = time.monotonic()
     while True:
         config = running.config  # the current one: retention may change on reload
+        if sweep_again:
+            sweep_again = not await _sweep_removed(running)
         try:
             busy, wal_pages, done = await journal.checkpoint()
             log.debug("journal.checkpointed", busy=busy, wal_pages=wal_pages, checkpointed=done)
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + PRUNE_EVERY_S
                 await _prune(journal, config.server.retention_s)
-        except JournalError as error:
+        except Exception as error:  # noqa: BLE001 - maintenance must outlive any one failure
             log.error("journal.maintenance_failed", error=str(error))
         await asyncio.sleep(CHECKPOINT_EVERY_S)
 

@@ -824,6 +824,10 @@ url = "${CI_URL}"
     assert 'targets.from-env.url: expected an absolute http(s) URL or "log:", got "***"' in message
     assert "S3CR3T" not in message
     assert "TOKEN42" not in message
+    hidden = '[targets.odd]\nurl = "https://deploy:ab#cd-SECRET@host:99999/hook"\n'
+    with pytest.raises(ConfigError) as raised:  # "#" hides the password from the parser
+        load(write(tmp_path, hidden), env={})
+    assert "SECRET" not in "\n".join(raised.value.errors)
 
 
 def test_errors_mask_interpolated_values_exactly(tmp_path: Path) -> None:
