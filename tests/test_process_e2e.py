@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import resource
 import signal
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -223,3 +225,93 @@ async def test_retention_and_checkpoint_run_from_the_start(
     assert pruned["events"] == 3
     await daemon.wait_log("journal.checkpointed")
     assert daemon.query("SELECT id FROM events") == [(pending["id"],)]
+
+
+def removal_config(tmp_path: Path, *, old: str | None, routes_to_svc2: bool, svc2: str) -> str:
+    """Source `app` fans out to `old` (20 routes, when present) and to `svc2` (route `to-svc2`)."""
+    text = server_toml(tmp_path) + f'[sources.app]\n[targets.svc2]\nurl = "{svc2}"\n'
+    text += 'retry = { attempts = 50, first = "50ms", max = "200ms" }\n'
+    if old is not None:
+        text += f'[targets.old]\nurl = "{old}"\n'
+        for n in range(20):
+            text += f'[[routes]]\nname = "to-old-{n}"\nsource = "app"\ntargets = ["old"]\n'
+    if routes_to_svc2:
+        text += '[[routes]]\nname = "to-svc2"\nsource = "app"\ntargets = ["svc2"]\n'
+    return text
+
+
+async def stop_with_pending(
+    tmp_path: Path, daemons: DaemonFactory, events: int
+) -> tuple[Daemon, list[str]]:
+    """A daemon whose targets are down, stopped with `events` events waiting for both."""
+    down = f"http://127.0.0.1:{free_port()}/down"
+    daemon = await daemons(removal_config(tmp_path, old=down, routes_to_svc2=True, svc2=down))
+    ids = []
+    for n in range(events):
+        status, reply, _ = await daemon.post("/hooks/app", {"n": n})
+        assert (status, reply["deliveries"]) == (202, 21)
+        ids.append(reply["id"])
+    await daemon.wait_log("delivery.failed")
+    assert await daemon.stop() == 0
+    return daemon, ids
+
+
+async def test_a_target_or_route_removed_while_relay_was_stopped_ends_its_deliveries(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Started on a config without a target that still has waiting deliveries, relay makes
+    them dead ("target removed") at once, each with a `delivery.dead` line; those of a
+    route removed while it was stopped end dead when they next fall due, never sent."""
+    daemon, ids = await stop_with_pending(tmp_path, daemons, events=3)
+    svc2 = await receivers()  # the target stays, now up; its route is gone
+    daemon.config_path.write_text(
+        removal_config(tmp_path, old=None, routes_to_svc2=False, svc2=svc2.url)
+    )
+    count = len(daemon.lines)
+    await daemon.start()
+    await eventually(lambda: len(daemon.events("delivery.dead")) == 63)
+    dead = daemon.lines[count:]
+    assert {(d["target"], d["reason"]) for d in dead if d["event"] == "delivery.dead"} == {
+        ("old", "target removed"),
+        ("svc2", "target removed"),
+    }
+    rows = daemon.query("SELECT target, status, COUNT(*) FROM deliveries GROUP BY target, status")
+    assert rows == [("old", "dead", 60), ("svc2", "dead", 3)]
+    assert svc2.requests == []
+    assert sorted({d["event_id"] for d in daemon.events("delivery.dead")}) == sorted(ids)
+
+
+async def test_a_failed_start_up_sweep_is_retried_until_it_succeeds(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """When the journal cannot be written at start (here: a file size limit, as a full disk
+    would), the deliveries of a removed target stay pending and relay says why; once the
+    disk takes writes again, maintenance repeats the sweep and they end dead, each once."""
+    daemon, _ = await stop_with_pending(tmp_path, daemons, events=30)
+    down = f"http://127.0.0.1:{free_port()}/down"
+    daemon.config_path.write_text(
+        removal_config(tmp_path, old=None, routes_to_svc2=True, svc2=down)
+    )
+    limit_bytes = 32768  # room for the WAL index (-shm), not for the sweep's WAL frames
+    daemon.preexec = lambda: resource.setrlimit(
+        resource.RLIMIT_FSIZE, (limit_bytes, resource.RLIM_INFINITY)
+    )
+    count = len(daemon.lines)
+    await daemon.start()
+
+    def since_start(event: str) -> list[dict[str, Any]]:
+        return [line for line in daemon.lines[count:] if line["event"] == event]
+
+    def sweep_failed() -> bool:  # the lane of svc2 fails to record its attempts too
+        return any("delivery_id" not in line for line in since_start("journal.write_failed"))
+
+    await eventually(sweep_failed)
+    pending = "SELECT COUNT(*) FROM deliveries WHERE target = 'old' AND status = 'pending'"
+    assert daemon.query(pending) == [(600,)]
+    assert daemon.process is not None
+    resource.prlimit(daemon.process.pid, resource.RLIMIT_FSIZE, (-1, -1))
+    await eventually(lambda: len(since_start("delivery.dead")) >= 600)
+    dead = since_start("delivery.dead")
+    assert len(dead) == len({line["delivery_id"] for line in dead}) == 600
+    assert {(line["target"], line["reason"]) for line in dead} == {("old", "target removed")}
+    assert daemon.query(pending) == [(0,)]
