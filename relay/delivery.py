@@ -22,7 +22,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from relay import http1, logs, policy
@@ -180,8 +180,13 @@ class Lane:
     (`_journal_changed`).
     """
 
-    def __init__(self, target: TargetConfig, services: LaneServices) -> None:
+    def __init__(
+        self, target: TargetConfig, services: LaneServices, predecessors: Sequence[Lane] = ()
+    ) -> None:
         self.target = target
+        # Removed lanes of the same target still finishing their attempts: what they hold
+        # is not read from the journal here (a replay must not send it twice at once).
+        self._predecessors = predecessors
         self._settings = services.settings
         self._journal = services.journal
         self._client = services.client
@@ -264,6 +269,14 @@ class Lane:
             and not self.ordering
             and not self._stopping
         )
+
+    def _busy(self) -> set[str]:
+        """The deliveries not to read: held here, or by a retiring lane of this target."""
+        busy = self._held
+        for lane in self._predecessors:
+            if lane._held:
+                busy = busy | lane._held
+        return busy
 
     def _journal_changed(self) -> None:
         """The journal may hold due work the lane has not seen: read it at the next turn."""
@@ -417,7 +430,7 @@ class Lane:
         self._reading = not self.ordering
         try:
             rows = await self._journal.due(
-                self.target.name, _now_ms(), self._window, self._held, ordering=self.ordering
+                self.target.name, _now_ms(), self._window, self._busy(), ordering=self.ordering
             )
         finally:
             self._reading = False
@@ -434,7 +447,7 @@ class Lane:
         if len(rows) >= self._window:
             return  # maybe more behind them
         next_ms = await self._journal.next_due_ms(
-            self.target.name, self._held, ordering=self.ordering
+            self.target.name, self._busy(), ordering=self.ordering
         )
         next_s = None if next_ms is None else max(0.0, (next_ms - _now_ms()) / 1000)
         if self._missed == missed and not self.ordering:  # all due is in hand: offers do
@@ -786,6 +799,8 @@ class Deliverer:
     ) -> None:
         self._services = LaneServices(self._current, journal, client, tail, metrics)
         self._retiring: set[asyncio.Task[int]] = set()
+        # per target name, its removed lanes that are still finishing (see `Lane`)
+        self._retiring_lanes: dict[str, list[Lane]] = {}
         self.settings: Settings | None = None
         self.lanes: dict[str, Lane] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
@@ -800,7 +815,7 @@ class Deliverer:
             self._start_lane(target)
 
     def _start_lane(self, target: TargetConfig) -> None:
-        lane = Lane(target, self._services)
+        lane = Lane(target, self._services, self._retiring_lanes.setdefault(target.name, []))
         self.lanes[target.name] = lane
         self._runners[target.name] = asyncio.create_task(lane.run(), name=f"lane-{target.name}")
 
@@ -823,18 +838,21 @@ class Deliverer:
             lane = self.lanes.pop(name)
             lane.stop_taking()
             self._runners.pop(name).cancel()
+            self._retiring_lanes[name].append(lane)
             retiring = asyncio.create_task(lane.finish(grace_s))
             self._retiring.add(retiring)
             retiring.add_done_callback(self._retiring.discard)
-            # Its last attempts may leave deliveries pending again (a retry recorded over
-            # the "target removed" sweep): a lane of the same name, re-added since, reads.
-            retiring.add_done_callback(functools.partial(self._retired, name))
+            retiring.add_done_callback(functools.partial(self._retired, name, lane))
         return removed
 
-    def _retired(self, name: str, _finished: asyncio.Task[int]) -> None:
-        lane = self.lanes.get(name)
-        if lane is not None:
-            lane.wake()
+    def _retired(self, name: str, lane: Lane, _finished: asyncio.Task[int]) -> None:
+        """A removed lane's attempts are over. What they left pending (a delivery replayed
+        meanwhile, or retried over the "target removed" sweep) is read by a lane of the
+        same name, re-added since."""
+        self._retiring_lanes[name].remove(lane)
+        current = self.lanes.get(name)
+        if current is not None:
+            current.wake()
 
     def accepted(self, event: NewEvent) -> None:
         """Ingress committed `event`: its deliveries are offered to their lanes."""

@@ -219,6 +219,46 @@ async def test_a_target_removed_and_re_added_during_an_attempt_is_sent_once(
     assert not daemon.find("delivery.succeeded", event_id=first["id"], target="b")
 
 
+async def test_a_replay_while_a_removed_lane_still_attempts_does_not_send_twice(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A target removed while an attempt to it hangs, re-added, and its dead delivery
+    replayed at once: the new lane leaves it to the attempt still under way (whose 200
+    then delivers it) instead of sending it a second time beside it."""
+    a, b = await receivers(), await receivers()
+    b.gate = asyncio.Event()
+    port = free_port()
+    with_b = config(tmp_path, port, a, b, extra_route=True).replace(
+        f'url = "{b.url}"', f'url = "{b.url}"\nconcurrency = 1'
+    )
+    daemon = await daemons(with_b)
+    _, first, _ = await daemon.post("/hooks/app", {"copy": True})
+    await eventually(lambda: b.current == 1)
+    without_b = config(tmp_path, port, a, b, extra_route=False)
+    daemon.config_path.write_text(without_b.replace(f'[targets.b]\nurl = "{b.url}"\n', ""))
+    await reload_and_wait(daemon, "config.reloaded")
+    await daemon.wait_log("delivery.dead", event_id=first["id"], target="b")
+    daemon.config_path.write_text(with_b)
+    await reload_and_wait(daemon, "config.reloaded")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            daemon.admin_url("/api/replay"), json={"status": "dead", "target": "b"}
+        ) as response,
+    ):
+        assert (response.status, await response.json()) == (200, {"requeued": 1, "skipped": 0})
+    _, second, _ = await daemon.post("/hooks/app", {"copy": True})
+    # The re-added lane (one at a time) takes the next event, not the replayed one in flight.
+    await eventually(lambda: b.current == 2)
+    assert b.event_ids() == [first["id"], second["id"]]
+    b.gate.set()
+    await daemon.wait_log("delivery.succeeded", event_id=first["id"], target="b")
+    await daemon.wait_log("delivery.succeeded", event_id=second["id"], target="b")
+    assert b.event_ids().count(first["id"]) == 1
+    rows = daemon.query("SELECT status FROM events WHERE id = ?", (first["id"],))
+    assert rows == [("delivered",)]
+
+
 async def test_a_route_removed_during_an_attempt_ends_it_once(
     tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
 ) -> None:
