@@ -35,6 +35,7 @@ from relay.journal import (
     NewDelivery,
     NewEvent,
     Ordering,
+    SavedPause,
 )
 from relay.metrics import Metrics
 from relay.model import Config, RouteConfig, TargetConfig
@@ -645,8 +646,9 @@ class Lane:
     async def _save_pause(self) -> None:
         failures, pauses, until_s = self.pause.snapshot()
         until_ms = None if until_s is None else int(until_s * 1000)
+        saved = SavedPause(failures, pauses, until_ms, self.last_error)
         try:
-            await self._journal.save_target(self.target.name, failures, pauses, until_ms)
+            await self._journal.save_target(self.target.name, saved)
         except JournalError as error:
             log.error("journal.write_failed", error=str(error), target=self.target.name)
 
@@ -657,15 +659,16 @@ class Lane:
         saved = await self._journal.load_target(self.target.name)
         if saved is None:
             return
-        failures, pauses, until_ms = saved
+        until_s = None if saved.paused_until_ms is None else saved.paused_until_ms / 1000
         self.pause = policy.TargetPause.restore(
             self.target.pause_after,
             self.target.retry.first_s,
             self.target.retry.max_s,
-            (failures, pauses, None if until_ms is None else until_ms / 1000),
+            (saved.failures, saved.pauses, until_s),
             time.time(),
         )
         if self.pause.state != "open":
+            self.last_error = saved.last_error
             log.warning(
                 "target.paused", target=self.target.name, reason="paused before the restart",
                 for_s=round(self.pause.wait_s(time.time()) or 0.0, 3),

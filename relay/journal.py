@@ -84,7 +84,8 @@ CREATE TABLE IF NOT EXISTS targets (
     name            TEXT PRIMARY KEY,    -- a target's pause state, kept across restarts
     failures        INTEGER NOT NULL,    -- consecutive failed attempts
     pauses          INTEGER NOT NULL,    -- consecutive pauses (the cooldown grows with it)
-    paused_until_ms INTEGER              -- Unix ms when the next probe may go; NULL: open
+    paused_until_ms INTEGER,             -- Unix ms when the next probe may go; NULL: open
+    last_error      TEXT                 -- the failure last seen (`relay status` shows it)
 );
 CREATE TABLE IF NOT EXISTS dedupe (
     source        TEXT NOT NULL,
@@ -108,6 +109,16 @@ CREATE TABLE IF NOT EXISTS attempts (
 
 EventStatus = Literal["pending", "delivered", "dead", "unrouted"]
 DeliveryStatus = Literal["pending", "delivered", "dead"]
+
+
+@dataclass(frozen=True, slots=True)
+class SavedPause:
+    """A target's pause state as kept across restarts (the `targets` table)."""
+
+    failures: int  # consecutive failed attempts
+    pauses: int  # consecutive pauses (the cooldown grows with it)
+    paused_until_ms: int | None  # Unix ms when the next probe may go; None: open
+    last_error: str | None  # the failure last seen
 
 
 class JournalError(Exception):
@@ -376,6 +387,9 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
 
 def _create_schema(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(targets)")}
+    if "last_error" not in columns:  # a journal of an earlier relay
+        conn.execute("ALTER TABLE targets ADD COLUMN last_error TEXT")
     conn.execute(
         "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
         (str(SCHEMA_VERSION),),
@@ -730,12 +744,14 @@ def _kill_pending(
     return write
 
 
-def _save_target(name: str, failures: int, pauses: int, paused_until_ms: int | None) -> WriteFn:
+def _save_target(
+    name: str, failures: int, pauses: int, paused_until_ms: int | None, last_error: str | None
+) -> WriteFn:
     def write(conn: sqlite3.Connection) -> None:
         conn.execute(
-            "INSERT OR REPLACE INTO targets (name, failures, pauses, paused_until_ms)"
-            " VALUES (?,?,?,?)",
-            (name, failures, pauses, paused_until_ms),
+            "INSERT OR REPLACE INTO targets (name, failures, pauses, paused_until_ms,"
+            " last_error) VALUES (?,?,?,?,?)",
+            (name, failures, pauses, paused_until_ms, last_error),
         )
 
     return write
@@ -987,22 +1003,27 @@ class Journal:
         )
         return int(rows[0][0]) if rows else None
 
-    async def save_target(
-        self, name: str, failures: int, pauses: int, paused_until_ms: int | None
-    ) -> None:
+    async def save_target(self, name: str, saved: SavedPause) -> None:
         """Keep a target's pause state so that a restart does not forget a pause."""
-        await self._write(_save_target(name, failures, pauses, paused_until_ms))
+        await self._write(
+            _save_target(
+                name, saved.failures, saved.pauses, saved.paused_until_ms, saved.last_error
+            )
+        )
 
-    async def load_target(self, name: str) -> tuple[int, int, int | None] | None:
+    async def load_target(self, name: str) -> SavedPause | None:
         rows = list(
             await self._reader.execute_fetchall(
-                "SELECT failures, pauses, paused_until_ms FROM targets WHERE name = ?", (name,)
+                "SELECT failures, pauses, paused_until_ms, last_error FROM targets WHERE name = ?",
+                (name,),
             )
         )
         if not rows:
             return None
-        failures, pauses, until = rows[0]
-        return int(failures), int(pauses), None if until is None else int(until)
+        failures, pauses, until, last_error = rows[0]
+        return SavedPause(
+            int(failures), int(pauses), None if until is None else int(until), last_error
+        )
 
     async def forget_keys(self, now_ms: int, limit: int = 500) -> int:
         """Delete up to `limit` dedupe keys whose window ended; how many."""

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import orjson
 import standardwebhooks.webhooks
 import svix.webhooks
@@ -139,7 +140,8 @@ async def test_a_down_target_pauses_and_drains_at_once_when_back(
 async def test_a_paused_target_stays_paused_across_a_restart(
     tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
 ) -> None:
-    """The pause and its cooldown are kept in the journal: a restart does not reopen the target."""
+    """The pause and its cooldown are kept in the journal: a restart does not reopen the
+    target, and `relay status` still shows the error that paused it."""
     svc = await receivers()
     svc.default = (503, {}, b"down")
     daemon = await daemons(
@@ -155,6 +157,12 @@ async def test_a_paused_target_stays_paused_across_a_restart(
     assert restored["reason"] == "paused before the restart"
     assert restored["for_s"] > 3000
     assert len(svc.requests) == 1
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(daemon.admin_url("/api/status")) as response,
+    ):
+        status = (await response.json())["targets"]["svc"]
+    assert (status["paused"], status["last_error"]) == (True, "HTTP 503")
 
 
 async def test_rate_limit_spaces_request_starts(

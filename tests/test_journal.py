@@ -18,6 +18,7 @@ from relay.journal import (
     NewDelivery,
     NewEvent,
     Replay,
+    SavedPause,
     open_journal,
 )
 
@@ -328,3 +329,22 @@ async def test_ordered_queues_give_only_their_heads(tmp_path: Path) -> None:
         assert await journal.key_ordering("svc", "fifo") == 4  # one queue now
         assert await journal.due("svc", now_ms=9000, limit=10, ordering="fifo") == []
         assert await journal.next_due_ms("svc", ordering="fifo") == 50_000
+
+
+async def test_a_journal_from_before_last_error_was_kept_opens_and_keeps_it(
+    tmp_path: Path,
+) -> None:
+    """A journal whose `targets` table predates the `last_error` column is upgraded when
+    opened: the saved pause survives and the error that paused the target is kept from now."""
+    path = tmp_path / "relay.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE targets (name TEXT PRIMARY KEY, failures INTEGER NOT NULL,"
+            " pauses INTEGER NOT NULL, paused_until_ms INTEGER)"
+        )
+        conn.execute("INSERT INTO targets VALUES ('svc', 3, 1, 4000)")
+    async with open_journal(path, "full") as journal:
+        assert await journal.load_target("svc") == SavedPause(3, 1, 4000, None)
+        await journal.save_target("svc", SavedPause(4, 2, 9000, "HTTP 503"))
+    async with open_journal(path, "full") as journal:
+        assert await journal.load_target("svc") == SavedPause(4, 2, 9000, "HTTP 503")
