@@ -294,10 +294,11 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 def _hidden_headers(config: Config, show_secrets: bool) -> frozenset[str] | None:
     """Header names to mask in what the CLI prints (None: `--show-secrets`): those that look
-    like credentials, and any the config uses for a signature or a token, whatever its name."""
+    like credentials, any the config uses for a signature or a token, whatever its name,
+    and any whose value the config takes from `${...}`."""
     if show_secrets:
         return None
-    names: set[str] = set()
+    names: set[str] = set(config.secret_headers)
     for source in config.sources.values():  # their timestamps help debug a tolerance
         names |= {name for name in signature_headers(source.verify) if "timestamp" not in name}
     for target in config.targets.values():

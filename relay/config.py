@@ -595,6 +595,7 @@ class _Context:
     interpolated: set[str] = field(default_factory=set)
     secret_paths: set[str] = field(default_factory=set)
     literal_secrets: dict[str, None] = field(default_factory=dict)
+    secret_headers: set[str] = field(default_factory=set)  # lower-cased names
     check_tls: bool = True  # load the TLS certificate and key (not for admin commands)
 
     def error(self, path: str, message: str) -> None:
@@ -1166,8 +1167,11 @@ def _build_sign(ctx: _Context, table: _Table) -> SignConfig:
 def _note_sensitive_headers(ctx: _Context, table: _Table, key: str) -> dict[str, str]:
     headers = table.get(key, _headers, {})
     for name, value in headers.items():
+        path = _join(table.key(key), name)
         if _SENSITIVE_HEADER.fullmatch(name):
-            ctx.note_secret(_join(table.key(key), name), value)
+            ctx.note_secret(path, value)
+        if path in ctx.interpolated:  # "${...}" values are masked wherever they are shown
+            ctx.secret_headers.add(name.lower())
     return headers
 
 
@@ -1324,6 +1328,7 @@ def _build(ctx: _Context, document: dict[str, Any], path: Path) -> Config:
         targets=targets,
         routes=routes,
         secret_paths=frozenset(ctx.secret_paths | ctx.interpolated),
+        secret_headers=frozenset(ctx.secret_headers),
         warnings=tuple(ctx.warnings),
     )
 

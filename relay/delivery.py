@@ -603,8 +603,9 @@ class Lane:
 
     def _secret_headers(self, target: TargetConfig, delivery: DueDelivery) -> frozenset[str]:
         """Header names that carry credentials for this delivery, whatever they are called."""
-        source = self._settings().config.sources.get(delivery.source)
-        names = signature_headers(source.verify if source else None)
+        config = self._settings().config
+        source = config.sources.get(delivery.source)
+        names = signature_headers(source.verify if source else None) | config.secret_headers
         if target.sign is not None and target.sign.header:
             names |= {target.sign.header.lower()}
         return names

@@ -177,6 +177,9 @@ class Config:
     # Dotted key paths whose value came from ${...} interpolation or is a secret
     # by its nature; `relay config` shows these as "***".
     secret_paths: frozenset[str] = field(default=frozenset())
+    # Lower-cased names of target `headers` and route `set_headers` given a value by
+    # ${...}: masked in log lines and in what the CLI prints, like credentials.
+    secret_headers: frozenset[str] = field(default=frozenset())
     warnings: tuple[str, ...] = field(default=())
 
     def routes_of(self, source: str) -> tuple[RouteConfig, ...]:

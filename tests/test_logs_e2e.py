@@ -146,7 +146,8 @@ async def test_journald_gets_the_syslog_priority_of_each_line(
 async def test_credential_headers_are_masked_whatever_their_name(
     tmp_path: Path, daemons: DaemonFactory
 ) -> None:
-    """A source's verify header and a target's signature header never reach the log in clear."""
+    """A source's verify header, a target's signature header, and headers the config fills
+    from ${...} (a target's `headers`, a route's `set_headers`) never reach the log in clear."""
     daemon = await daemons(
         server_toml(tmp_path)
         + """
@@ -155,17 +156,23 @@ verify = { scheme = "token", header = "X-Shared-Pass", secret = "open-sesame-123
 [targets.audit]
 url = "log:"
 sign = { scheme = "hmac", secret = "k", header = "X-Out-Sig" }
+headers = { "X-Ci" = "${CI_TOKEN}", "X-Plain" = "shown" }
 [[routes]]
 name = "r"
 source = "app"
 targets = ["audit"]
-"""
+set_headers = { "X-Route" = "Bearer-ish ${ROUTE_TOKEN}" }
+""",
+        env={"CI_TOKEN": "citoken-5678", "ROUTE_TOKEN": "routetoken-9012"},
     )
     _, reply, _ = await daemon.post("/hooks/app", {"x": 1}, {"X-Shared-Pass": "open-sesame-1234"})
     logged = await daemon.wait_log("delivery.logged", event_id=reply["id"])
-    assert logged["headers"]["X-Shared-Pass"] == "***"
-    assert logged["headers"]["X-Out-Sig"] == "***"
-    assert not any("open-sesame-1234" in str(line) for line in daemon.lines)
+    headers = logged["headers"]
+    assert headers["X-Shared-Pass"] == headers["X-Out-Sig"] == "***"
+    assert headers["X-Ci"] == headers["X-Route"] == "***"
+    assert headers["X-Plain"] == "shown"
+    for secret in ("open-sesame-1234", "citoken-5678", "routetoken-9012"):
+        assert not any(secret in str(line) for line in daemon.lines)
 
 
 async def test_at_level_warning_only_failures_are_logged(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -288,11 +290,13 @@ def test_relay_test_shows_a_slack_handshake_as_the_daemon_answers_it(tmp_path: P
 
 def test_relay_test_masks_a_token_header_whatever_its_name(tmp_path: Path) -> None:
     """A token source's credential header (here `X-Shared`, a name that does not look like
-    one) is shown as *** in `relay test`'s planned request unless --show-secrets."""
+    one) and a target header whose value comes from ${...} are shown as *** in `relay
+    test`'s planned request unless --show-secrets."""
     config = tmp_path / "relay.toml"
     config.write_text(
         '[sources.shared]\nverify = { scheme = "token", secret = "topsecretvalue", '
-        'header = "X-Shared" }\n[targets.console]\nurl = "log:"\n[[routes]]\nname = "r"\n'
+        'header = "X-Shared" }\n[targets.console]\nurl = "log:"\n'
+        'headers = { "X-Ci" = "${CI_TOKEN}" }\n[[routes]]\nname = "r"\n'
         'source = "shared"\ntargets = ["console"]\n'
     )
     config.chmod(0o600)
@@ -300,13 +304,18 @@ def test_relay_test_masks_a_token_header_whatever_its_name(tmp_path: Path) -> No
         sys.executable, "-m", "relay", "test", "-c", str(config), "--source", "shared",
         "--data", "{}", "-H", "X-Shared: topsecretvalue",
     ]  # fmt: skip
-    shown = subprocess.run(command, capture_output=True, text=True, check=True, timeout=60)
-    assert "X-Shared: ***" in shown.stdout
-    assert "topsecretvalue" not in shown.stdout
-    revealed = subprocess.run(
-        [*command, "--show-secrets"], capture_output=True, text=True, check=True, timeout=60
+    env = {**os.environ, "CI_TOKEN": "citoken-5678"}
+    run = functools.partial(
+        subprocess.run, capture_output=True, text=True, check=True, timeout=60, env=env
     )
+    shown = run(command)
+    assert "X-Shared: ***" in shown.stdout
+    assert "X-Ci: ***" in shown.stdout
+    assert "topsecretvalue" not in shown.stdout
+    assert "citoken-5678" not in shown.stdout
+    revealed = run([*command, "--show-secrets"])
     assert "X-Shared: topsecretvalue" in revealed.stdout
+    assert "X-Ci: citoken-5678" in revealed.stdout
 
 
 def test_relay_test_on_the_example_config() -> None:
