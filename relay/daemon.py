@@ -148,15 +148,20 @@ def settle_gc() -> None:
 
 
 async def shutdown(running: Running) -> None:
-    """The ordered, bounded stop: not ready, stop accepting, finish in-flight, leave the rest."""
+    """The ordered, bounded stop: not ready and no new attempt; then, side by side, stop
+    accepting (requests under way get `read_timeout`) and let attempts under way finish
+    (within `shutdown_grace`); everything else stays pending in the journal."""
     running.health.stopping = True
+    running.deliverer.stop_taking()
     log.info(
         "relay.stopping",
         pending=await _pending(running.journal),
         in_flight=running.deliverer.in_flight,
     )
-    await running.inbound.close()  # no new webhooks; requests under way finish
-    cut = await running.deliverer.stop(running.config.server.shutdown_grace_s)
+    _, cut = await asyncio.gather(
+        running.inbound.close(),  # no new webhooks; requests under way finish (read_timeout)
+        running.deliverer.stop(running.config.server.shutdown_grace_s),  # attempts under way
+    )
     if cut:
         log.warning("relay.grace_exceeded", cancelled=cut, note="left pending in the journal")
 

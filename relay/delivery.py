@@ -877,10 +877,14 @@ class Deliverer:
     def in_flight(self) -> int:
         return sum(lane.in_flight for lane in self.lanes.values())
 
-    async def stop(self, grace_s: float) -> int:
-        """Stop starting attempts; let in-flight ones finish within `grace_s`. How many were cut."""
+    def stop_taking(self) -> None:
+        """From now on no lane starts an attempt (deliveries stay pending in the journal)."""
         for lane in self.lanes.values():
             lane.stop_taking()
+
+    async def stop(self, grace_s: float) -> int:
+        """Stop starting attempts; let in-flight ones finish within `grace_s`. How many were cut."""
+        self.stop_taking()
         for runner in self._runners.values():
             runner.cancel()
         await asyncio.gather(*self._runners.values(), return_exceptions=True)

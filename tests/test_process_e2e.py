@@ -315,3 +315,34 @@ async def test_a_failed_start_up_sweep_is_retried_until_it_succeeds(
     assert len(dead) == len({line["delivery_id"] for line in dead}) == 600
     assert {(line["target"], line["reason"]) for line in dead} == {("old", "target removed")}
     assert daemon.query(pending) == [(0,)]
+
+
+async def test_no_attempt_starts_after_sigterm_while_a_request_is_still_arriving(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """At SIGTERM the lanes stop taking work at once, not when the last inbound request is
+    done: with a sender still trickling its body, the attempt in flight finishes and the
+    deliveries behind it stay pending for the next start."""
+    receiver = await receivers()
+    receiver.gate = asyncio.Event()
+    text = relay_config(tmp_path, receiver.url).replace("concurrency = 8", "concurrency = 1")
+    daemon = await daemons(text.replace('sync = "full"', 'sync = "full"\nread_timeout = "60s"'))
+    for n in range(3):
+        await daemon.post("/hooks/app", {"n": n})
+    await eventually(lambda: receiver.current == 1)
+    host, port = daemon.listen.rsplit(":", 1)
+    _reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /hooks/app HTTP/1.1\r\nHost: relay\r\nContent-Length: 100\r\n\r\n{")
+    await writer.drain()
+    daemon.signal(signal.SIGTERM)
+    await daemon.wait_log("relay.stopping")
+    receiver.gate.set()  # the attempt in flight succeeds; the lane must not take the next
+    await daemon.wait_log("delivery.succeeded")
+    await eventually(
+        lambda: daemon.query("SELECT count(*) FROM deliveries WHERE status = 'delivered'") == [(1,)]
+    )
+    writer.close()  # the last inbound request goes away: the daemon can stop
+    assert await daemon.wait() == 0
+    assert len(receiver.requests) == 1
+    stopped = await daemon.wait_log("relay.stopped")
+    assert stopped["pending"] == 2
