@@ -242,6 +242,10 @@ class _Writer:
         self._queue.put(_Write(fn, future, alone))
         return future
 
+    def close(self) -> None:
+        """Close the connection of a writer that was never started."""
+        self._conn.close()
+
     def stop(self) -> None:
         """Commit what is queued, then end the thread and close the connection."""
         self._queue.put(None)
@@ -1196,12 +1200,22 @@ class Journal:
 @contextlib.asynccontextmanager
 async def open_journal(path: Path, sync: str) -> AsyncIterator[Journal]:
     """Open (creating if needed) the journal at `path`; close it cleanly on exit."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = _Writer(path, sync, asyncio.get_running_loop())
-    level, mode = writer.prepare()
-    if mode != "wal":
-        raise JournalError(f"{path}: could not switch to WAL mode (got {mode!r})")
-    reader = await aiosqlite.connect(path, isolation_level=None)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = _Writer(path, sync, asyncio.get_running_loop())
+    except (OSError, sqlite3.Error) as error:  # one line for the operator, not a traceback
+        raise JournalError(f"{path}: cannot open it: {error}") from error
+    try:
+        level, mode = writer.prepare()
+        if mode != "wal":
+            raise JournalError(f"{path}: could not switch to WAL mode (got {mode!r})")
+        reader = await aiosqlite.connect(path, isolation_level=None)
+    except (OSError, sqlite3.Error) as error:
+        writer.close()
+        raise JournalError(f"{path}: cannot open it: {error}") from error
+    except JournalError:
+        writer.close()
+        raise
     try:
         await reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         writer.start()

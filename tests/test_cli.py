@@ -381,6 +381,23 @@ def test_run_with_a_port_in_use_exits_1(tmp_path: Path, taken: str) -> None:
     assert "relay.started" not in result.stdout
 
 
+def test_run_on_a_journal_that_cannot_be_opened_exits_1_with_one_line(tmp_path: Path) -> None:
+    """A journal file that is not SQLite (or a folder relay may not write) stops `relay run`
+    with one line naming the file and SQLite's reason, not a traceback."""
+    (tmp_path / "notadb.db").write_bytes(b"not a database, just text\n" * 200)
+    text = (
+        '[server]\nlisten = "127.0.0.1:0"\nadmin = "127.0.0.1:0"\njournal = "notadb.db"\n'
+        '[sources.app]\n[targets.out]\nurl = "log:"\n'
+        '[[routes]]\nname = "r"\nsource = "app"\ntargets = ["out"]\n'
+    )
+    write(tmp_path, "j.toml", text)
+    result = relay("run", "-c", "j.toml", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"relay: journal: {tmp_path / 'notadb.db'}: cannot open it: file is not a database"
+    ]
+
+
 # ---------------------------------------------------------------- usage
 
 
