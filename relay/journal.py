@@ -664,6 +664,22 @@ def _pending_of_target(ordering: Ordering) -> str:
     return f"d.target = ? AND d.status = 'pending' AND {_HEAD_OF_ITS_QUEUE}"
 
 
+def _skip_held(held: int, ordering: Ordering) -> str:
+    """The condition (`held` marks: ids) that leaves out what a lane holds already: those
+    deliveries, and for an ordered lane their whole queues. A queue's head may change
+    while its old head is in flight (a replay of an older delivery makes that one the
+    head), and one queue sends one delivery at a time."""
+    if not held:
+        return ""
+    marks = ",".join("?" * held)
+    if not ordering:
+        return f" AND d.id NOT IN ({marks})"
+    return (
+        " AND d.order_key NOT IN (SELECT x.order_key FROM deliveries x"
+        f" WHERE x.id IN ({marks}) AND x.order_key IS NOT NULL)"
+    )
+
+
 def _key_ordering(target: str, ordering: Ordering) -> WriteFn:
     condition = {
         "fifo": "(order_key IS NULL OR order_key != '')",  # all in the one queue
@@ -1061,8 +1077,7 @@ class Journal:
         delivery of each key may go; the heads come from the `deliveries_order` index, so a
         long queue behind a failing head is not scanned.
         """
-        marks = ",".join("?" * len(exclude))
-        skip = f" AND d.id NOT IN ({marks})" if exclude else ""
+        skip = _skip_held(len(exclude), ordering)
         where = _pending_of_target(ordering)
         sql = (
             "SELECT d.id, d.event_id, d.route, d.attempts, d.created_at_ms,"
@@ -1084,8 +1099,7 @@ class Journal:
         self, target: str, exclude: Collection[str] = (), *, ordering: Ordering = ""
     ) -> int | None:
         """When the next pending delivery of `target` (not in `exclude`) is due."""
-        marks = ",".join("?" * len(exclude))
-        skip = f" AND d.id NOT IN ({marks})" if exclude else ""
+        skip = _skip_held(len(exclude), ordering)
         where = _pending_of_target(ordering)
         sql = f"SELECT d.next_at_ms FROM deliveries d WHERE {where}{skip} ORDER BY 1, d.id LIMIT 1"
         rows = list(await self._reader.execute_fetchall(sql, (target, *exclude)))

@@ -226,6 +226,35 @@ async def test_order_key_keeps_per_key_order_while_keys_overlap(
         assert order == [0, 1, 2, 3]
 
 
+async def test_a_replay_into_an_ordered_queue_waits_for_the_delivery_in_flight(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Replaying an old delivery of a key whose next delivery is in flight makes it the
+    head of that queue, but it waits for the one in flight: a queue sends one at a time.
+    Other keys go on meanwhile."""
+    svc = await receivers()
+    daemon = await daemons(
+        one_target(tmp_path, svc.url, 'order_key = "body.account"\nconcurrency = 4')
+    )
+    _, old, _ = await daemon.post("/hooks/app", {"account": "a", "n": 0})
+    await daemon.wait_log("delivery.succeeded", event_id=old["id"])
+    svc.gate = asyncio.Event()
+    _, in_flight, _ = await daemon.post("/hooks/app", {"account": "a", "n": 1})
+    await eventually(lambda: svc.current == 1)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(daemon.admin_url(f"/api/events/{old['id']}/replay")) as response,
+    ):
+        assert response.status == 200
+    _, other, _ = await daemon.post("/hooks/app", {"account": "b", "n": 0})
+    await eventually(lambda: len(svc.requests) == 3)  # key b goes at once
+    assert svc.event_ids() == [old["id"], in_flight["id"], other["id"]]
+    svc.gate.set()
+    await eventually(lambda: len(svc.requests) == 4)
+    assert svc.event_ids()[3] == old["id"]  # the replay, once key a's delivery was done
+    assert svc.max_concurrent == 2
+
+
 async def test_link_local_and_denied_targets_are_refused_by_policy(
     tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
 ) -> None:
