@@ -308,6 +308,10 @@ class Lane:
                 target.pause_after, target.retry.first_s, target.retry.max_s,
                 self.pause.snapshot(), time.time(),
             )  # fmt: skip
+        if (target.url, target.method, target.headers, target.sign) != (
+            old.url, old.method, old.headers, old.sign,
+        ):  # fmt: skip
+            self.pause.probe_now(time.time())  # a fixed URL is tried at once, not in an hour
         self._poke.set()
         self._journal_changed()
 

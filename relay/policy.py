@@ -414,6 +414,13 @@ class TargetPause:
 
     # -- changing --------------------------------------------------------------
 
+    def probe_now(self, now_s: float) -> None:
+        """The operator changed what the target is sent (its URL, say): a paused target
+        may send its probe at once instead of waiting out the cooldown. The pause count
+        stays: a failed probe pauses it again, for the next cooldown."""
+        if self._paused_until_s is not None and self._probe_started_s is None:
+            self._paused_until_s = min(self._paused_until_s, now_s)
+
     def may_start(self, now_s: float) -> bool:
         """Whether an attempt may be sent now; a True while paused makes it the probe."""
         if self._paused_until_s is None:

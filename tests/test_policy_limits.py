@@ -376,6 +376,22 @@ def test_paused_target_sends_nothing_until_the_cooldown_then_one_probe() -> None
     assert pause.wait_s(200.0) is None
 
 
+def test_a_changed_target_may_probe_at_once_and_a_failed_probe_pauses_again() -> None:
+    """After `probe_now` (a reload changed the target's URL) the probe goes at once; if it
+    fails, the next cooldown is the doubled one. Open or probing targets are unchanged."""
+    pause = _paused_at(100.0)
+    pause.probe_now(101.0)
+    assert pause.wait_s(101.0) == 0.0
+    assert pause.may_start(101.0)
+    assert _state(pause) == "probing"
+    pause.probe_now(101.5)
+    assert not pause.may_start(101.5)  # still one probe at a time
+    assert pause.record(False, 102.0, started_s=101.0) == PauseChange("paused", 10.0)
+    opened = TargetPause(pause_after=1, first_s=5.0, max_s=60.0)
+    opened.probe_now(100.0)
+    assert _state(opened) == "open"
+
+
 def test_a_successful_probe_resumes_the_target() -> None:
     """The probe's success resumes the target: everything may start again and the log says
     how long it was paused."""

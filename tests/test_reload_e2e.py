@@ -395,3 +395,21 @@ async def test_a_slower_rate_limit_spaces_starts_from_the_reload_on(
     gaps_s = [later - earlier for earlier, later in itertools.pairwise(after)]
     assert gaps_s
     assert min(gaps_s) >= 0.5 - 0.02, gaps_s
+
+
+async def test_a_paused_target_whose_url_is_fixed_is_tried_at_once(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A target paused for an hour by a wrong URL: once a reload fixes the URL, the probe
+    goes at once, the target resumes and its backlog is delivered."""
+    svc = await receivers()
+    port = free_port()
+    settings = 'pause_after = 1\nretry = { first = "1h", max = "2h" }'
+    daemon = await daemons(one_lane(tmp_path, port, f"http://127.0.0.1:{free_port()}/x", settings))
+    accepted = [(await daemon.post("/hooks/app", {"n": n}))[1]["id"] for n in range(3)]
+    await daemon.wait_log("target.paused")
+    daemon.config_path.write_text(one_lane(tmp_path, port, svc.url, settings))
+    await reload_and_wait(daemon, "config.reloaded")
+    resumed = await daemon.wait_log("target.resumed")
+    assert resumed["target"] == "svc"
+    await eventually(lambda: sorted(svc.event_ids()) == sorted(accepted))
