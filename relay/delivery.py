@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from relay import http1, logs, policy
 from relay.journal import (
+    INLINE_BODY_BYTES,
     AttemptRecord,
     DeadDelivery,
     DueDelivery,
@@ -133,7 +134,7 @@ class Settings:
         return cls(config, {route.name: route for route in config.routes})
 
 
-def stored_request(delivery: DueDelivery) -> StoredRequest:
+def stored_request(delivery: DueDelivery, body: bytes) -> StoredRequest:
     return StoredRequest(
         delivery_id=delivery.id,
         event_id=delivery.event_id,
@@ -142,7 +143,7 @@ def stored_request(delivery: DueDelivery) -> StoredRequest:
         path=delivery.path,
         query=delivery.query,
         headers=delivery.headers,
-        body=delivery.body,
+        body=body,
         received_at_ms=delivery.created_at_ms,
     )
 
@@ -237,9 +238,10 @@ class Lane:
             return
         if new.id in self._held:  # already taken from the journal: never twice
             return
+        body = event.body if len(event.body) <= INLINE_BODY_BYTES else None  # as `Journal.due`
         delivery = DueDelivery(new.id, event.id, new.route, new.target, 0, event.received_at_ms,
                                event.source, event.method, event.path, event.query,
-                               list(event.headers), event.body)  # fmt: skip
+                               list(event.headers), body)  # fmt: skip
         if self._reading:  # the read may or may not see it: sorted out when it ends
             self._offered_meanwhile.append(delivery)
         else:
@@ -475,7 +477,10 @@ class Lane:
         recording = False
         try:
             try:
-                request_or_reason = self._prepare(delivery, target, settings, started_s)
+                body = delivery.body
+                if body is None:  # a large one: read now, not held by the window
+                    body = await self._journal.body_of(delivery.event_id)
+                request_or_reason = self._prepare(delivery, body, target, settings, started_s)
             except Exception:
                 self.pause.abandon(started_s=started_s)  # never sent: a probe must not stay out
                 raise
@@ -499,7 +504,12 @@ class Lane:
             self._wake.set()  # the next delivery of its key may now go
 
     def _prepare(
-        self, delivery: DueDelivery, target: TargetConfig, settings: Settings, now_s: float
+        self,
+        delivery: DueDelivery,
+        body: bytes,
+        target: TargetConfig,
+        settings: Settings,
+        now_s: float,
     ) -> OutboundRequest | str:
         """The request to send, or why the delivery is dead without an attempt."""
         if delivery.route not in settings.routes:
@@ -513,7 +523,7 @@ class Lane:
                 target=target,
                 route=settings.routes.get(delivery.route),
                 source=settings.config.sources.get(delivery.source),
-                request=stored_request(delivery),
+                request=stored_request(delivery, body),
                 attempt=delivery.attempts + 1,
                 now_s=now_s,
             )

@@ -31,6 +31,7 @@ from relay.ids import ulid_floor
 from relay.text import json_text, storable
 
 SCHEMA_VERSION = 2
+INLINE_BODY_BYTES = 64 * 1024  # larger bodies are read per attempt, not with the window
 BUSY_TIMEOUT_MS = 5000
 MAX_BATCH_OPS = 1024
 JOURNAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
@@ -178,7 +179,9 @@ class DueDelivery:
     path: str
     query: str
     headers: list[tuple[str, str]]
-    body: bytes
+    # None: over INLINE_BODY_BYTES, read when its attempt starts (`Journal.body_of`), so
+    # a lane's window of due deliveries holds at most that much of each body
+    body: bytes | None
     replay_base: int = 0  # attempts made before the last replay (the budget restarts there)
 
 
@@ -1081,7 +1084,8 @@ class Journal:
         where = _pending_of_target(ordering)
         sql = (
             "SELECT d.id, d.event_id, d.route, d.attempts, d.created_at_ms,"
-            " e.source, e.method, e.path, e.query, p.headers, p.body, d.replay_base"
+            " e.source, e.method, e.path, e.query, p.headers,"
+            f" iif(length(p.body) <= {INLINE_BODY_BYTES}, p.body, NULL), d.replay_base"
             " FROM deliveries d JOIN events e ON e.id = d.event_id"
             " JOIN payloads p ON p.event_id = d.event_id"
             f" WHERE {where} AND d.next_at_ms <= ?{skip} ORDER BY d.next_at_ms, d.id LIMIT ?"
@@ -1091,9 +1095,21 @@ class Journal:
         # less than by keyword with a comprehension per row's headers, measured).
         return [
             DueDelivery(r[0], r[1], r[2], target, r[3], r[4], r[5], r[6], r[7], r[8],
-                        list(map(tuple, orjson.loads(r[9]))), bytes(r[10]), r[11])
+                        list(map(tuple, orjson.loads(r[9]))),
+                        None if r[10] is None else bytes(r[10]), r[11])
             for r in rows
         ]  # fmt: skip
+
+    async def body_of(self, event_id: str) -> bytes:
+        """The body of an event (for a delivery whose window left it out: `DueDelivery`)."""
+        rows = list(
+            await self._reader.execute_fetchall(
+                "SELECT body FROM payloads WHERE event_id = ?", (event_id,)
+            )
+        )
+        if not rows:
+            raise JournalError(f"event {event_id}: its payload is gone")
+        return bytes(rows[0][0])
 
     async def next_due_ms(
         self, target: str, exclude: Collection[str] = (), *, ordering: Ordering = ""

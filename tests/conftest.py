@@ -111,7 +111,7 @@ class Receiver:
             self.current -= 1
 
     async def start(self, port: int = 0) -> Receiver:
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 2**20)  # relay may send up to max_body
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()

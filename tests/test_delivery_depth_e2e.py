@@ -313,6 +313,36 @@ async def test_a_large_backlog_is_not_loaded_into_memory(
     svc.gate.set()
 
 
+async def test_a_backlog_of_large_bodies_is_not_held_a_window_at_a_time(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """24 pending deliveries of 4 MiB each, one sent at a time: the daemon holds the body
+    of the one in flight, not those of the window of due deliveries behind it (16 x 4 MiB);
+    each is still sent byte for byte."""
+    svc = await receivers()
+    svc.gate = asyncio.Event()
+    settings = 'concurrency = 1\nretry = { max_age = "30d" }'
+    empty = await daemons(one_target(tmp_path / "empty", svc.url, settings))
+    await empty.post("/hooks/app", {"warm": "up"})
+    await eventually(lambda: svc.current == 1)
+    baseline = rss_bytes(empty)
+    await empty.kill()
+    svc.gate.set()
+    svc.gate, svc.requests = asyncio.Event(), []
+    (tmp_path / "full").mkdir()
+    body = b'{"pad": "' + b"x" * (4 * 2**20) + b'"}'
+    make_backlog(tmp_path / "full" / "relay.db", 24, body=body)
+    with contextlib.closing(sqlite3.connect(tmp_path / "full" / "relay.db")) as conn, conn:
+        conn.execute("DELETE FROM targets")  # open: the lane does pull from the backlog
+    full = await daemons(one_target(tmp_path / "full", svc.url, settings))
+    await eventually(lambda: svc.current == 1)
+    grown = rss_bytes(full) - baseline
+    assert grown < 32 * 2**20, f"resident memory grew by {grown / 2**20:.0f} MiB"
+    svc.gate.set()
+    await eventually(lambda: len(svc.requests) == 24)
+    assert all(request.body == body for request in svc.requests)
+
+
 def rss_bytes(daemon: Daemon) -> int:
     assert daemon.process is not None
     status = Path(f"/proc/{daemon.process.pid}/status").read_text()
