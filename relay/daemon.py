@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import os
+import resource
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -306,12 +308,54 @@ async def _pending(journal: Journal) -> int | None:
         return None
 
 
+class OpenFilesWatch:
+    """Says when the process nears its open-file limit (RLIMIT_NOFILE), once per crossing.
+    Past the limit new connections wait unaccepted and nothing else tells why: uvloop
+    reports no accept error. Pure: `check` takes the counts and returns what to log."""
+
+    NEAR = 0.9  # warn at 90% of the limit...
+    CLEAR = 0.8  # ...and say it is over below 80%
+
+    def __init__(self) -> None:
+        self.near = False
+
+    def check(self, open_files: int, limit: int) -> str | None:
+        """ "relay.files_near_limit", "relay.files_ok", or None (nothing changed)."""
+        if not self.near and open_files >= self.NEAR * limit:
+            self.near = True
+            return "relay.files_near_limit"
+        if self.near and open_files < self.CLEAR * limit:
+            self.near = False
+            return "relay.files_ok"
+        return None
+
+
+def _watch_open_files(watch: OpenFilesWatch) -> None:
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    try:
+        open_files = len(os.listdir("/proc/self/fd"))
+    except OSError as error:
+        if error.errno != errno.EMFILE:  # not Linux: nothing to watch
+            return
+        open_files = limit  # not one more file could be opened to count them
+    if limit == resource.RLIM_INFINITY or (event := watch.check(open_files, limit)) is None:
+        return
+    if event == "relay.files_near_limit":
+        note = "new connections may wait unanswered: raise LimitNOFILE (ulimit -n)"
+        log.warning(event, open_files=open_files, limit=limit, note=note)
+    else:
+        log.info(event, open_files=open_files, limit=limit)
+
+
 async def _maintain(running: Running, *, sweep_again: bool = False) -> None:
     """From the start and then on a timer: checkpoint the WAL, delete events past `retention`
-    (and, until it succeeds, the start's sweep of removed targets, if that failed)."""
+    (and, until it succeeds, the start's sweep of removed targets, if that failed), and
+    watch the open files."""
     journal = running.journal
     next_prune = time.monotonic()
+    files = OpenFilesWatch()
     while True:
+        _watch_open_files(files)
         config = running.config  # the current one: retention may change on reload
         if sweep_again:
             sweep_again = not await _sweep_removed(running)

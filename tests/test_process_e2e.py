@@ -15,6 +15,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from relay.daemon import OpenFilesWatch
+
 from conftest import Daemon, Receiver, eventually, free_port, server_toml
 
 DaemonFactory = Callable[..., Awaitable[Daemon]]
@@ -346,3 +348,37 @@ async def test_no_attempt_starts_after_sigterm_while_a_request_is_still_arriving
     assert len(receiver.requests) == 1
     stopped = await daemon.wait_log("relay.stopped")
     assert stopped["pending"] == 2
+
+
+def test_open_files_are_reported_once_per_crossing_of_the_limit() -> None:
+    """Near the open-file limit (90%) relay warns once, and says so again only after it
+    has dropped below 80% and come back."""
+    watch = OpenFilesWatch()
+    assert watch.check(50, 100) is None
+    assert watch.check(90, 100) == "relay.files_near_limit"
+    assert watch.check(99, 100) is None
+    assert watch.check(85, 100) is None
+    assert watch.check(79, 100) == "relay.files_ok"
+    assert watch.check(95, 100) == "relay.files_near_limit"
+
+
+async def test_a_daemon_near_its_open_file_limit_says_so(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Idle connections that use up the open-file limit (past it, new connections wait
+    unanswered) make the daemon log `relay.files_near_limit` with the counts."""
+    receiver = await receivers()
+    limit = 96
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    daemon = await daemons(
+        relay_config(tmp_path, receiver.url),
+        preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard)),
+    )
+    host, port = daemon.listen.rsplit(":", 1)
+    connections = [await asyncio.open_connection(host, int(port)) for _ in range(limit)]
+    near = await daemon.wait_log("relay.files_near_limit")
+    assert near["limit"] == limit
+    assert near["open_files"] >= 0.9 * limit
+    assert near["level"] == "warning"
+    for _, writer in connections:
+        writer.close()
