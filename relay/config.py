@@ -101,6 +101,9 @@ _DURATION_UNITS: Final = {
     "h": Decimal(3600),
     "d": Decimal(86400),
 }
+# The longest duration a config may hold: 100 years. Durations become Unix milliseconds
+# (dedupe expiry, retention cutoff, next retry) in SQLite's 64-bit INTEGER columns.
+MAX_DURATION_S: Final = 36500 * 86400
 _DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION: Final = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
 _SIZE: Final = re.compile(r"(\d+(?:\.\d+)?) ?([A-Za-z]*)")
@@ -147,7 +150,8 @@ def _kind(value: object) -> str:
 def parse_duration(text: str) -> float:
     """Seconds in a duration string: "250ms", "10s", "5m", "2h", "7d", "1h30m", or "0".
 
-    Raises ValueError (with a one-line message) for anything else, numbers included.
+    Raises ValueError (with a one-line message) for anything else, numbers included,
+    and for a duration longer than `MAX_DURATION_S` (100 years).
     """
     if not isinstance(text, str):
         raise ValueError(f'expected a duration like "10s", got {_kind(text)}')
@@ -162,6 +166,8 @@ def parse_duration(text: str) -> float:
         (Decimal(m[1]) * _DURATION_UNITS[m[2]] for m in _DURATION_PART.finditer(stripped)),
         Decimal(0),
     )
+    if total > MAX_DURATION_S:
+        raise ValueError(f'duration "{text}" is too long: at most 100 years ("36500d")')
     return float(total)
 
 
@@ -200,13 +206,10 @@ def parse_rate(text: str) -> Rate:
     per = match[2]
     if per in _RATE_UNITS:
         per_s = _RATE_UNITS[per]
+    elif per == "0" or _DURATION.fullmatch(per):
+        per_s = parse_duration(per)  # a period too long is refused there
     else:
-        try:
-            per_s = parse_duration(per)
-        except ValueError:
-            raise ValueError(
-                f'invalid rate "{text}": the unit after "/" is s, m, h, d or a duration'
-            ) from None
+        raise ValueError(f'invalid rate "{text}": the unit after "/" is s, m, h, d or a duration')
     if count < 1 or per_s <= 0:
         raise ValueError(f'invalid rate "{text}": must be more than zero')
     return Rate(count, per_s)
@@ -890,6 +893,8 @@ _SENSITIVE_HEADER: Final = re.compile(
 )
 _NAME: Final = re.compile(r"[A-Za-z0-9_-]+")
 
+# A target's concurrency is its number of workers, and 4x it is a LIMIT in SQL.
+MAX_CONCURRENCY: Final = 10_000
 _DEFAULT_RETRY: Final = RetryConfig(attempts=12, first_s=5.0, max_s=3600.0, max_age_s=3 * 86400.0)
 _DEFAULT_VERIFY: Final[Mapping[str, Any]] = {
     "secret": (),
@@ -988,7 +993,7 @@ def _build_retry(table: _Table | None, base: RetryConfig) -> RetryConfig:
 def _build_defaults(table: _Table) -> DefaultsConfig:
     return DefaultsConfig(
         timeout_s=table.get("timeout", _duration(), 15.0),
-        concurrency=table.get("concurrency", _int(1), 4),
+        concurrency=table.get("concurrency", _int(1, MAX_CONCURRENCY), 4),
         retry=_build_retry(table.table("retry", _RETRY_KEYS), _DEFAULT_RETRY),
         pause_after=table.get("pause_after", _int(1), 5),
     )
@@ -1191,7 +1196,7 @@ def _build_target(
         url=url,
         method=table.get("method", _method, "POST"),
         timeout_s=table.get("timeout", _duration(), defaults.timeout_s),
-        concurrency=table.get("concurrency", _int(1), defaults.concurrency),
+        concurrency=table.get("concurrency", _int(1, MAX_CONCURRENCY), defaults.concurrency),
         rate_limit=table.get("rate_limit", _rate, None),
         headers=_note_sensitive_headers(ctx, table, "headers"),
         sign=_build_sign(ctx, sign_table) if sign_table is not None else None,

@@ -97,6 +97,95 @@ def test_parse_duration_rejects_bad_input(bad: object) -> None:
         parse_duration(bad)  # type: ignore[arg-type]
 
 
+def test_parse_duration_refuses_more_than_100_years() -> None:
+    """A duration up to 100 years is read; a longer one is refused, saying the limit."""
+    assert parse_duration("36500d") == 36500 * 86400
+    for text in ("36500d1ms", "200000000000d", "99999999999999999999999s"):
+        with pytest.raises(ValueError, match=r'too long: at most 100 years \("36500d"\)'):
+            parse_duration(text)
+
+
+TOO_LONG = "200000000000d"
+
+EVERY_DURATION = f"""
+[server]
+retention = "{TOO_LONG}"
+read_timeout = "{TOO_LONG}"
+idle_timeout = "{TOO_LONG}"
+shutdown_grace = "{TOO_LONG}"
+
+[defaults]
+timeout = "{TOO_LONG}"
+retry = {{ first = "{TOO_LONG}", max = "{TOO_LONG}", max_age = "{TOO_LONG}" }}
+
+[sources.demo]
+verify = {{ scheme = "stripe", secret = "whsec_x", tolerance = "{TOO_LONG}" }}
+dedupe = {{ key = "body.id", window = "{TOO_LONG}" }}
+rate_limit = "5/{TOO_LONG}"
+
+[sources.other]
+dedupe = "{TOO_LONG}"
+verify = {{ scheme = "github", secret = "x" }}
+
+[targets.t]
+url = "log:"
+timeout = "{TOO_LONG}"
+rate_limit = "1/{TOO_LONG}"
+retry = {{ first = "{TOO_LONG}", max = "{TOO_LONG}", max_age = "{TOO_LONG}" }}
+
+[[routes]]
+name = "r"
+source = "demo"
+targets = ["t"]
+
+[[routes]]
+name = "o"
+source = "other"
+targets = ["t"]
+"""
+
+
+def test_every_duration_key_refuses_more_than_100_years(tmp_path: Path) -> None:
+    """A duration too long for the journal's millisecond times (a dedupe window of
+    200000000000 days) is a config error on its key path, not a daemon that fails
+    every write; every duration key is checked."""
+    errors = errors_of(EVERY_DURATION, tmp_path)
+    keys = [
+        "server.retention",
+        "server.read_timeout",
+        "server.idle_timeout",
+        "server.shutdown_grace",
+        "defaults.timeout",
+        "defaults.retry.first",
+        "defaults.retry.max",
+        "defaults.retry.max_age",
+        "sources.demo.verify.tolerance",
+        "sources.demo.dedupe.window",
+        "sources.demo.rate_limit",
+        "sources.other.dedupe",
+        "targets.t.timeout",
+        "targets.t.rate_limit",
+        "targets.t.retry.first",
+        "targets.t.retry.max",
+        "targets.t.retry.max_age",
+    ]
+    assert errors == [
+        f'relay.toml: {key}: duration "{TOO_LONG}" is too long: at most 100 years ("36500d")'
+        for key in keys
+    ]
+
+
+def test_concurrency_is_at_most_10000(tmp_path: Path) -> None:
+    """A concurrency beyond 10000 (each unit a worker, and a window of the journal read
+    with it) is a config error on its key path."""
+    text = MINIMAL.replace('url = "https://', 'concurrency = 99999999999999999999\nurl = "https://')
+    text += "[defaults]\nconcurrency = 10001\n"
+    assert errors_of(text, tmp_path, env={"GH_SECRET": "s"}) == [
+        "relay.toml: defaults.concurrency: must be from 1 to 10000, got 10001",
+        "relay.toml: targets.ci.concurrency: must be from 1 to 10000, got 99999999999999999999",
+    ]
+
+
 @pytest.mark.parametrize(
     ("value", "size"),
     [
@@ -479,7 +568,7 @@ targets = ["t"]
         "relay.toml: sources.a.ack_status: must be from 200 to 299, got 302",
         'relay.toml: targets.t.url: expected an absolute http(s) URL or "log:", '
         'got "ftp://example.com"',
-        "relay.toml: targets.t.concurrency: must be at least 1, got 0",
+        "relay.toml: targets.t.concurrency: must be from 1 to 10000, got 0",
         "relay.toml: routes[0].name: missing required key",
     ]
     with pytest.raises(ConfigError) as caught:
