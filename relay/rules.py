@@ -19,11 +19,12 @@ import urllib.parse
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import jmespath
 import jmespath.exceptions
 import jmespath.functions
+import jmespath.lexer
 import jmespath.parser
 import orjson
 
@@ -104,49 +105,94 @@ def compile_expression(text: str) -> Expression:
     Calls are checked here too (jmespath only finds them out when an event runs them):
     known functions with the right number of arguments, and a `matches` pattern that is a
     literal string that compiles (a pattern taken from the event could backtrack for
-    ever, and would fill the regex cache)."""
+    ever, and would fill the regex cache). The caret of a bad call is under its name, or
+    under the argument at fault."""
     try:
         compiled = jmespath.compile(text)
-        problem = _bad_call(compiled.parsed)
-        if problem is not None:
-            raise RuleError(f"invalid expression: {problem}\n  {text}\n  ^")
-        return Expression(text, compiled)
     except jmespath.exceptions.ParseError as error:
         position = error.lex_position if isinstance(error.lex_position, int) else 0
         reason = getattr(error, "msg", None) or str(error).splitlines()[0]
-        caret = " " * max(position, 0) + "^"
-        raise RuleError(f"invalid expression: {reason}\n  {text}\n  {caret}") from None
+        raise _rule_error(reason, text, position) from None
     except jmespath.exceptions.JMESPathError as error:
-        raise RuleError(f"invalid expression: {error}\n  {text}\n  ^") from None
+        raise _rule_error(str(error), text, 0) from None
+    for call in _calls(text):
+        problem = _bad_call(jmespath.compile(text[call.start : call.end]).parsed)
+        if problem is not None:
+            reason, argument = problem
+            position = call.start if argument is None else call.arguments[argument]
+            raise _rule_error(reason, text, position)
+    return Expression(text, compiled)
 
 
-def _bad_call(node: Mapping[str, Any]) -> str | None:
-    """What is wrong with the first function call of a parsed expression that cannot run."""
-    if node.get("type") == "function_expression":
-        name, arguments = node["value"], node["children"]
-        entry = RelayFunctions.FUNCTION_TABLE.get(name)
-        if entry is None:
-            known = sorted(RelayFunctions.FUNCTION_TABLE)
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f' (did you mean "{close[0]}"?)' if close else ""
-            return f"unknown function {name}(){hint}"
-        signature = entry["signature"]
-        if signature and signature[-1].get("variadic"):
-            if len(arguments) < len(signature):
-                return f"{name}() takes at least {len(signature)} arguments, got {len(arguments)}"
-        elif len(arguments) != len(signature):
-            return f"{name}() takes {len(signature)} arguments, got {len(arguments)}"
-        if name == "matches":
-            pattern = arguments[1]
-            if pattern["type"] != "literal" or not isinstance(pattern["value"], str):
-                return "matches(): the pattern must be a literal string, like 'ab+c'"
-            try:
-                _regex(pattern["value"])
-            except re.error as error:
-                return f"matches(): bad pattern {pattern['value']!r}: {error}"
-    for child in node.get("children", ()):
-        if isinstance(child, Mapping) and (problem := _bad_call(child)) is not None:
-            return problem
+def _rule_error(reason: str, text: str, position: int) -> RuleError:
+    caret = " " * max(position, 0) + "^"
+    return RuleError(f"invalid expression: {reason}\n  {text}\n  {caret}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """Where a function call is in an expression's text: `name(` at `start`, the `)`
+    just before `end`, each argument's first character at `arguments[i]`."""
+
+    start: int
+    end: int
+    arguments: tuple[int, ...]
+
+
+_OPENING: Final = frozenset({"lparen", "lbracket", "lbrace", "filter"})
+_CLOSING: Final = frozenset({"rparen", "rbracket", "rbrace"})
+
+
+def _calls(text: str) -> list[_Call]:
+    """The function calls of an expression that parses, in the order of the text."""
+    tokens = list(jmespath.lexer.Lexer().tokenize(text))
+    return [
+        _call_at(tokens, index)
+        for index in range(len(tokens) - 1)
+        if tokens[index]["type"] == "unquoted_identifier" and tokens[index + 1]["type"] == "lparen"
+    ]
+
+
+def _call_at(tokens: Sequence[Mapping[str, Any]], index: int) -> _Call:
+    """The call whose name is `tokens[index]` (its `(` follows it)."""
+    depth = 0
+    arguments: list[int] = []
+    for position in range(index + 1, len(tokens)):
+        token = tokens[position]
+        kind = token["type"]
+        follows = tokens[position - 1]["type"]
+        if depth == 1 and kind != "rparen" and follows in ("lparen", "comma"):
+            arguments.append(token["start"])  # an argument begins
+        depth += (kind in _OPENING) - (kind in _CLOSING)
+        if depth == 0:
+            break
+    return _Call(tokens[index]["start"], token["end"], tuple(arguments))
+
+
+def _bad_call(node: Mapping[str, Any]) -> tuple[str, int | None] | None:
+    """What is wrong with a call (the root of `node`) that cannot run, and the index of
+    the argument at fault (None: the call itself)."""
+    name, arguments = node["value"], node["children"]
+    entry = RelayFunctions.FUNCTION_TABLE.get(name)
+    if entry is None:
+        known = sorted(RelayFunctions.FUNCTION_TABLE)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        return f"unknown function {name}(){hint}", None
+    signature = entry["signature"]
+    if signature and signature[-1].get("variadic"):
+        if len(arguments) < len(signature):
+            return f"{name}() takes at least {len(signature)} arguments, got {len(arguments)}", None
+    elif len(arguments) != len(signature):
+        return f"{name}() takes {len(signature)} arguments, got {len(arguments)}", None
+    if name == "matches":
+        pattern = arguments[1]
+        if pattern["type"] != "literal" or not isinstance(pattern["value"], str):
+            return "matches(): the pattern must be a literal string, like 'ab+c'", 1
+        try:
+            _regex(pattern["value"])
+        except re.error as error:
+            return f"matches(): bad pattern {pattern['value']!r}: {error}", 1
     return None
 
 

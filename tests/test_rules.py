@@ -275,6 +275,31 @@ def test_calls_that_could_never_run_are_compile_errors(text: str, problem: str) 
     assert str(raised.value).startswith(f"invalid expression: {problem}")
 
 
+@pytest.mark.parametrize(
+    ("text", "caret_under"),
+    [
+        ("foo(body)", "foo(body)"),
+        ("body.x == 'a' || fooo(body)", "fooo(body)"),
+        ("x && matches(body.ref, '[unclosed')", "'[unclosed')"),
+        ("matches(body.s, body.p)", "body.p)"),
+        ("a[?lower(b) == 'x'].upperr(c)", "upperr(c)"),
+        ("format('{}', [a, b], lower(x, y))", "lower(x, y))"),
+        ("sort_by(@, &foo(x))", "foo(x))"),
+        ("{t: not_null(body.a, format())}", "format())"),
+    ],
+)
+def test_a_call_that_could_never_run_has_its_caret_under_the_fault(
+    text: str, caret_under: str
+) -> None:
+    """The caret line of a bad call points at the function's name in the expression, or
+    at the `matches` pattern that is at fault, not at the start of the expression."""
+    with pytest.raises(RuleError) as raised:
+        compile_expression(text)
+    _, shown, caret = str(raised.value).split("\n")
+    assert shown == "  " + text
+    assert caret == "  " + " " * text.index(caret_under) + "^"
+
+
 def test_format_with_no_arguments_is_its_template() -> None:
     """`format(template, args...)` takes zero arguments too; a non-string template is an error."""
     assert compile_expression("format('hello')").search({}) == "hello"
