@@ -3,8 +3,9 @@
 This module owns the log format (SPEC §8): JSON lines (rendered by orjson)
 when stdout is not a terminal or `format = "json"`, readable key=value lines
 on a terminal; every line has `event`, `level` and `ts`. When stdout is
-journald's stream (`JOURNAL_STREAM` set) each JSON line starts with the
-syslog priority prefix (`<3>` for errors) so `journalctl -p err` works. It
+journald's stream (`JOURNAL_STREAM` names its device and inode) each JSON line
+starts with the syslog priority prefix (`<3>` for errors) so `journalctl -p err`
+works. It
 also owns `mask_headers`, the one place that decides which header values are
 too sensitive to log.
 """
@@ -56,6 +57,20 @@ def mask_headers(
         str(name): "***" if is_sensitive_header(name) or name.lower() in also else value
         for name, value in pairs
     }
+
+
+def is_journal_stream(stream: TextIO) -> bool:
+    """Whether `stream` is journald's: `JOURNAL_STREAM` is its "device:inode", as
+    systemd.exec(5) says to check (the variable is inherited by processes whose stdout
+    was since redirected, `relay run | cat` under a unit, say)."""
+    expected = os.environ.get("JOURNAL_STREAM")
+    if not expected:
+        return False
+    try:
+        status = os.fstat(stream.fileno())
+    except (OSError, ValueError):  # no file descriptor (io.UnsupportedOperation), or closed
+        return False
+    return expected == f"{status.st_dev}:{status.st_ino}"
 
 
 def _journald_prefix(
@@ -165,7 +180,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         structlog.processors.format_exc_info,
     ]
     if as_json:
-        if os.environ.get("JOURNAL_STREAM"):
+        if is_journal_stream(out):
             processors.append(_journald_prefix)
         processors.append(_PrefixedJSON())
         global _writer

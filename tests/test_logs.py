@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import io
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
 import pytest
@@ -162,3 +164,46 @@ def test_a_line_with_undecodable_text_is_still_written() -> None:
     render = logs._PrefixedJSON()
     line = render(None, "info", {"event": "event.rejected", "path": "/a\udcff", "n": ["\udce9"]})
     assert orjson.loads(line) == {"event": "event.rejected", "path": "/a\ufffd", "n": ["\ufffd"]}
+
+
+@pytest.mark.usefixtures("restored_structlog")
+@pytest.mark.parametrize(
+    ("journal_stream", "prefixes"),
+    [
+        ("{dev}:{ino}", [b"<3>{", b"<6>{"]),  # stdout is the stream journald gave
+        ("{dev}:{other}", [b"{", b"{"]),  # inherited, but stdout was redirected since
+        ("8:99999", [b"{", b"{"]),
+        ("", [b"{", b"{"]),
+    ],
+)
+def test_priority_prefix_only_when_stdout_is_journalds_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, journal_stream: str, prefixes: list[bytes]
+) -> None:
+    """JSON lines start with their syslog priority (`<3>` for an error) only when
+    `JOURNAL_STREAM` names stdout's device and inode; `relay run | jq` under a unit (the
+    variable inherited, stdout a pipe) gets plain JSON lines that parse."""
+    path = tmp_path / "stdout"
+    with path.open("w") as stream:
+        status = os.fstat(stream.fileno())
+        value = journal_stream.format(dev=status.st_dev, ino=status.st_ino, other=status.st_ino + 1)
+        monkeypatch.setenv("JOURNAL_STREAM", value)
+        logs.configure("json", "info", stream)
+        log = logs.get_logger().bind()
+        log.error("bad")
+        log.info("fine")
+    lines = path.read_bytes().splitlines()
+    assert [line[: len(prefix)] for line, prefix in zip(lines, prefixes, strict=True)] == prefixes
+
+
+@pytest.mark.usefixtures("restored_structlog")
+def test_a_stream_without_a_file_descriptor_is_not_journalds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream with no file descriptor behind it gets plain JSON lines whatever
+    `JOURNAL_STREAM` says."""
+    monkeypatch.setenv("JOURNAL_STREAM", "8:4242")
+    out = io.BytesIO()
+    stream = io.TextIOWrapper(out, write_through=True)
+    logs.configure("json", "info", stream)
+    logs.get_logger().bind().error("bad")
+    assert out.getvalue().startswith(b'{"event":"bad"')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -130,17 +131,50 @@ async def test_log_lines_are_json_with_spec_fields_and_no_secrets(
 async def test_journald_gets_the_syslog_priority_of_each_line(
     tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
 ) -> None:
-    """Under journald (JOURNAL_STREAM set) error lines start with <3>: `journalctl -p err` works."""
+    """Under journald (JOURNAL_STREAM names stdout's device and inode) error lines start
+    with <3>: `journalctl -p err` works."""
     svc = await receivers()
     svc.default = (400, {}, b"no")
+    listen, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    config = relay_config(tmp_path, svc.url)
+    config = config.replace('listen = "127.0.0.1:0"', f'listen = "{listen}"')
+    config = config.replace('admin = "127.0.0.1:0"', f'admin = "{admin}"')
+    stdout = (tmp_path / "stdout").open("wb")  # the daemon's stdout, standing for journald's
+    status = os.fstat(stdout.fileno())
+    env = {"JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}", "RELAY_TEST_TOKEN": "t"}
     daemon = await daemons(
-        relay_config(tmp_path, svc.url), env={"JOURNAL_STREAM": "8:4242", "RELAY_TEST_TOKEN": "t"}
+        config,
+        env=env,
+        listen=listen,
+        admin=admin,
+        quiet=True,
+        preexec=lambda: os.dup2(stdout.fileno(), 1),
     )
+    stdout.close()
     _, reply, _ = await daemon.post("/hooks/app", {"x": 1})
-    await daemon.wait_log("delivery.dead", event_id=reply["id"])
-    by_event = {orjson.loads(raw[3:])["event"]: raw for raw in daemon.raw_lines}
+
+    def written() -> dict[str, bytes] | None:
+        raw_lines = (tmp_path / "stdout").read_bytes().splitlines()
+        by_event = {orjson.loads(raw[3:])["event"]: raw for raw in raw_lines}
+        dead = by_event.get("delivery.dead", b"")
+        return by_event if reply["id"].encode() in dead else None
+
+    by_event = await eventually(written)
     assert by_event["relay.started"].startswith(b"<6>{")
     assert by_event["delivery.dead"].startswith(b"<3>{")
+
+
+async def test_journal_stream_that_is_not_stdout_gets_plain_json(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """With JOURNAL_STREAM inherited but stdout elsewhere (`relay run | jq` in a unit's
+    shell), every line is plain JSON, without a `<N>` priority prefix."""
+    env = {"JOURNAL_STREAM": "8:99999", "RELAY_TEST_TOKEN": "t"}
+    daemon = await daemons(relay_config(tmp_path, "http://127.0.0.1:9/"), env=env)
+    _, reply, _ = await daemon.post("/hooks/app", {"x": 1})
+    await daemon.wait_log("event.accepted", event_id=reply["id"])
+    assert daemon.raw_lines
+    assert all(orjson.loads(raw)["event"] for raw in daemon.raw_lines)
 
 
 async def test_credential_headers_are_masked_whatever_their_name(
