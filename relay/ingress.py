@@ -119,6 +119,7 @@ class Rejected(Exception):
 
     `reason` is the one-line explanation for the log; `public` what the sender is told
     (the reason itself unless that would help an attacker, as for a bad signature).
+    `error` is relay's own failure behind the refusal (the journal's), logged as an error.
     """
 
     def __init__(
@@ -127,12 +128,14 @@ class Rejected(Exception):
         reason: str,
         headers: Mapping[str, str] | None = None,
         public: str | None = None,
+        error: str | None = None,
     ) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.headers = dict(headers or {})
         self.public = public or reason
+        self.error = error
 
 
 def _reply(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> Response:
@@ -214,13 +217,17 @@ class Inbound:
         self, request: Request, source: SourceConfig | None, rejected: Rejected
     ) -> Response:
         self._count(source, "rejected")
-        log.info(
+        # One line per request: a refusal that is relay's fault (the journal failed) is
+        # that line at level error, with the failure, rather than a second line of its own.
+        failed = {} if rejected.error is None else {"error": rejected.error}
+        (log.info if rejected.error is None else log.error)(
             "event.rejected",
             source=source.name if source else None,
             status=rejected.status,
             reason=rejected.reason,
             remote=request.remote,
             path=request.path,
+            **failed,
         )
         response = _reply(rejected.status, {"error": rejected.public}, rejected.headers)
         response.close = rejected.status in (408, 413)  # the rest of the body is not worth reading
@@ -349,7 +356,7 @@ class Inbound:
         try:
             original = await self._journal.append(event)
         except JournalError as error:
-            raise _journal_failed(event, error) from None
+            raise _journal_failed(error) from None
         if original is not None:
             log.info(
                 "event.duplicate",
@@ -389,11 +396,14 @@ class Inbound:
         )
 
 
-def _journal_failed(event: NewEvent, error: JournalError) -> Rejected:
-    """The 503 for an event the journal could not take (the disk failed), logged."""
-    log.error("journal.write_failed", error=str(error), event_id=event.id)
+def _journal_failed(error: JournalError) -> Rejected:
+    """The 503 for an event the journal could not take (the disk failed); its
+    `event.rejected` line carries the journal's error."""
     return Rejected(
-        503, "journal unavailable, try again later", {"Retry-After": str(JOURNAL_RETRY_AFTER_S)}
+        503,
+        "journal unavailable, try again later",
+        {"Retry-After": str(JOURNAL_RETRY_AFTER_S)},
+        error=str(error),
     )
 
 

@@ -287,6 +287,30 @@ async def test_a_disk_that_takes_only_small_writes_is_not_ready(
     assert daemon.query("PRAGMA integrity_check") == [("ok",)]
 
 
+async def test_a_503_from_the_journal_is_one_error_line(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """A webhook refused because the journal cannot be written logs one line, like any
+    request: `event.rejected` with status 503, at level error, carrying the journal's
+    error (`journalctl -p err` finds it), and no second `journal.write_failed` line."""
+    daemon = await daemons(demo_config(tmp_path, max_body='"4MiB"'))
+    _, first, _ = await daemon.post("/hooks/app", b'{"first": true}')
+    await daemon.wait_log("delivery.succeeded", event_id=first["id"])
+    assert daemon.process is not None
+    room = (tmp_path / "relay.db-wal").stat().st_size + 200_000  # not enough for 3 MB
+    resource.prlimit(daemon.process.pid, resource.RLIMIT_FSIZE, (room, resource.RLIM_INFINITY))
+    count = len(daemon.lines)
+    assert (await daemon.post("/hooks/app", orjson.dumps({"pad": "x" * 3_000_000})))[0] == 503
+    rejected = await daemon.wait_log("event.rejected", after=count, status=503)
+    assert rejected["level"] == "error"
+    assert rejected["reason"] == "journal unavailable, try again later"
+    assert rejected["error"]
+    assert (rejected["source"], rejected["remote"]) == ("app", "127.0.0.1")
+    # The lines of a request are written in one turn: another would be here by now.
+    about_events = [line for line in daemon.lines[count:] if "event_id" in line]
+    assert about_events == [], about_events  # the old second line named the event's id
+
+
 async def _is_ready(daemon: Daemon) -> bool:
     return await daemon.ready() == 200
 
