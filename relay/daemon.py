@@ -204,11 +204,13 @@ class Reloader:
         async with self._lock:
             monotonic_usec = time.monotonic_ns() // 1000
             self._notifier.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
+            outcome: tuple[bool, list[str]] | None = None  # None: the reload raised
             try:
-                return await self._reload()
+                outcome = await self._reload()
+                return outcome
             finally:
                 address = self._running.inbound.address
-                self._notifier.send("READY=1", f"STATUS=serving on {address}")
+                self._notifier.send("READY=1", "STATUS=" + reload_status(outcome, str(address)))
 
     async def _reload(self) -> tuple[bool, list[str]]:
         old = self._running.config
@@ -248,6 +250,18 @@ class Reloader:
         # and no reload in between (the lock), which could re-add one during the sweep.
         async with self._lock:
             await _sweep_removed(self._running, gone_routes)
+
+
+def reload_status(outcome: tuple[bool, list[str]] | None, address: str) -> str:
+    """systemd's STATUS= after a reload: serving, or why the previous config still runs
+    (it stays shown by `systemctl status` until the next reload or stop)."""
+    if outcome is None:
+        return f"reload failed (internal error); serving on {address}"
+    ok, errors = outcome
+    if ok:
+        return f"serving on {address}"
+    count = f"{len(errors)} error" + ("" if len(errors) == 1 else "s")
+    return f"reload failed ({count}); running the previous config, serving on {address}"
 
 
 async def _serve_reload_requests(requests: asyncio.Queue[None], reloader: Reloader) -> None:

@@ -185,3 +185,30 @@ async def test_reloads_are_announced_with_reloading_then_ready(
             assert int(usec.split("=")[1]) >= before_usec
             assert ready[0] == "READY=1"
         assert await daemon.ready() == 200
+
+
+async def test_status_says_when_a_reload_was_refused(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """After a refused reload `systemctl status` shows it: STATUS= says the reload failed,
+    with how many errors, and that the previous config still runs; after the next good
+    reload it says serving again."""
+    async with notify_socket(tmp_path, "path") as notify:
+        daemon = await daemons(relay_config(tmp_path), env={"NOTIFY_SOCKET": notify.env_value})
+        await eventually(lambda: notify.with_line("READY=1"))
+        serving = f"STATUS=serving on {daemon.listen}"
+        for text, status in (
+            (
+                relay_config(tmp_path) + "[sources.bad]\nnope = 1\nnah = 2\n",
+                "STATUS=reload failed (2 errors); running the previous config, "
+                f"serving on {daemon.listen}",
+            ),
+            (relay_config(tmp_path) + "[sources.more]\n", serving),
+        ):
+            daemon.config_path.write_text(text)
+            count = len(notify.messages)
+            daemon.signal(signal.SIGHUP)
+            await eventually(lambda c=count: len(notify.messages) >= c + 2)
+            ready = notify.messages[count + 1]
+            assert ready == ["READY=1", status]
+        assert await daemon.ready() == 200
