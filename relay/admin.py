@@ -55,6 +55,8 @@ KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing an id
 STOP_POLL_S = 1.0  # how soon a tail stream notices that the daemon is stopping
 EVENT_STATUSES = ("pending", "delivered", "dead", "unrouted")
 REPLAYABLE: tuple[DeliveryStatus, ...] = ("dead", "delivered")
+EARLIEST_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
+LATEST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 _EVENT_ID = re.compile(r"evt_[0-9A-HJKMNP-TV-Z]{26}")
 
 
@@ -313,6 +315,7 @@ class AdminApi:
 
     async def _replay(self, selection: Replay) -> Answer:
         config = self.current_config()
+        fields = _replay_fields(selection)  # before the write: nothing may fail after it
         result = await self._journal.requeue(selection, config.targets.keys(), _now_ms())
         if result is None:
             raise BadRequest(404, f"no event {selection.event_id}")
@@ -322,11 +325,7 @@ class AdminApi:
             requeued=result.requeued,
             skipped=result.skipped,
             targets=sorted(result.targets),
-            event_id=selection.event_id,
-            statuses=list(selection.statuses),
-            target=selection.target,
-            route=selection.route,
-            since=None if selection.since_ms is None else rfc3339_ms(selection.since_ms),
+            **fields,
         )
         return 200, {"requeued": result.requeued, "skipped": result.skipped}
 
@@ -427,11 +426,20 @@ def replay_filter(body: bytes, now_ms: int) -> Replay:
 
 
 def since_ms(text: str, now_ms: int) -> int:
-    """A replay's `since`: a duration back from now ("24h") or an RFC 3339 time."""
+    """A replay's `since`: a duration back from now ("24h") or an RFC 3339 time, from
+    year 1 to 9999 (else a 400: a time that far out cannot even be written in a log line)."""
     try:
-        return now_ms - int(parse_duration(text) * 1000)
+        back_ms = parse_duration(text) * 1000
     except ValueError:
-        pass
+        ms = _moment_ms(text)
+    else:  # capped first: int() of an infinite duration ("1e999d") would raise
+        ms = now_ms - int(min(back_ms, LATEST_MS - EARLIEST_MS + 1))
+    if not EARLIEST_MS <= ms <= LATEST_MS:
+        raise BadRequest(400, f'since: "{text}" is out of range (years 1 to 9999)')
+    return ms
+
+
+def _moment_ms(text: str) -> int:
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -443,6 +451,17 @@ def since_ms(text: str, now_ms: int) -> int:
             ' with a zone like "2026-11-28T19:00:00Z"',
         )
     return int(moment.timestamp() * 1000)
+
+
+def _replay_fields(selection: Replay) -> dict[str, Any]:
+    """What `admin.replayed` says of the selection."""
+    return {
+        "event_id": selection.event_id,
+        "statuses": list(selection.statuses),
+        "target": selection.target,
+        "route": selection.route,
+        "since": _time(selection.since_ms),
+    }
 
 
 def sse_frame(record: Mapping[str, Any]) -> bytes:

@@ -124,6 +124,18 @@ def test_since_is_a_duration_back_from_now_or_an_rfc3339_time() -> None:
         assert caught.value.status == 400
 
 
+def test_since_beyond_the_years_1_to_9999_is_a_400_not_a_500() -> None:
+    """A `since` too far back or ahead to be written as a time (a huge duration, a time
+    before year 1 in UTC) is a 400 that says it is out of range; the ends still work."""
+    assert since_ms("0001-01-01T00:00:00Z", NOW_MS) == -62_135_596_800_000
+    assert since_ms("9999-12-31T23:59:59.999Z", NOW_MS) == 253_402_300_799_999
+    for bad in ("9999999999999d", "9" * 400 + "d", "0001-01-01T00:00:00+14:00"):
+        with pytest.raises(BadRequest) as caught:
+            since_ms(bad, NOW_MS)
+        assert caught.value.status == 400
+        assert caught.value.message.endswith("is out of range (years 1 to 9999)")
+
+
 def test_replay_body_is_checked_key_by_key() -> None:
     """POST /api/replay: dead by default, only known string keys, only finished statuses."""
     assert replay_filter(b"", NOW_MS) == Replay()
@@ -306,6 +318,28 @@ async def test_replay_wakes_the_lanes_it_touched(tmp_path: Path, journal: Journa
         200, {"requeued": 1, "skipped": 0},
     )  # fmt: skip
     assert deliverer.woken == ["svc"]
+
+
+async def test_a_replay_that_fails_fails_before_it_requeues(
+    tmp_path: Path, journal: Journal
+) -> None:
+    """A replay either answers 200 or fails with nothing re-queued: its log line cannot fail
+    after the write (an operator told "failed" would replay again and send twice)."""
+    api, deliverer = make_api(journal, write_config(tmp_path))
+    event = new_event(NOW_MS)
+    await journal.append(event)
+    await finish(journal, event, "dead")
+    status, answer = await api.handle(
+        "POST", "/api/replay", {}, orjson.dumps({"since": "9999999999999d"}), None
+    )
+    assert (status, answer["error"]) == (
+        400,
+        'since: "9999999999999d" is out of range (years 1 to 9999)',
+    )
+    with pytest.raises(OSError, match="too large"):  # a selection no request can make now
+        await api._replay(Replay(since_ms=10**20))
+    assert await journal.queue_depths() == {}
+    assert deliverer.woken == []
 
 
 async def test_tail_frames_keep_alive_report_drops_and_end_on_stop(
