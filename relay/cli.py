@@ -285,11 +285,20 @@ def cmd_test(args: argparse.Namespace) -> int:
     except BodyError as error:
         return _fail(f"the daemon would answer {error.status}: {error}", EXIT_FAILURE)
     hidden = _hidden_headers(config, args.show_secrets)
+    urls = _shown_urls(config, args.show_secrets)
     if args.json:
-        sys.stdout.write(orjson.dumps(_dry_run_json(result, hidden)).decode() + "\n")
+        sys.stdout.write(orjson.dumps(_dry_run_json(result, hidden, urls)).decode() + "\n")
     else:
-        _print_dry_run(result, hidden)
+        _print_dry_run(result, hidden, urls)
     return EXIT_OK
+
+
+def _shown_urls(config: Config, show_secrets: bool) -> dict[str, str]:
+    """Each target's URL as `relay test` prints it: as `relay validate` does (no password;
+    "***" when it comes from `${...}`), unless `--show-secrets`."""
+    if show_secrets:
+        return {name: target.url for name, target in config.targets.items()}
+    return {name: shown_url(config, target) for name, target in config.targets.items()}
 
 
 def _hidden_headers(config: Config, show_secrets: bool) -> frozenset[str] | None:
@@ -315,7 +324,9 @@ def _shown_headers(
     return [(k, "***" if is_sensitive_header(k) or k.lower() in hidden else v) for k, v in headers]
 
 
-def _dry_run_json(result: DryRun, hidden: frozenset[str] | None) -> dict[str, Any]:
+def _dry_run_json(
+    result: DryRun, hidden: frozenset[str] | None, urls: dict[str, str]
+) -> dict[str, Any]:
     return {
         "source": result.source,
         "event_id": result.event_id,
@@ -328,7 +339,7 @@ def _dry_run_json(result: DryRun, hidden: frozenset[str] | None) -> dict[str, An
                 "route": r.route,
                 "target": r.target,
                 "method": r.method,
-                "url": r.url,
+                "url": urls[r.target],
                 "headers": _shown_headers(r.headers, hidden),
                 "body": r.body.decode("utf-8", errors="replace"),
                 "error": r.error,
@@ -338,7 +349,7 @@ def _dry_run_json(result: DryRun, hidden: frozenset[str] | None) -> dict[str, An
     }
 
 
-def _print_dry_run(result: DryRun, hidden: frozenset[str] | None) -> None:
+def _print_dry_run(result: DryRun, hidden: frozenset[str] | None, urls: dict[str, str]) -> None:
     if result.handshake is not None:
         print(
             f"source {result.source}: a {result.handshake} handshake: the daemon answers it"
@@ -355,7 +366,7 @@ def _print_dry_run(result: DryRun, hidden: frozenset[str] | None) -> None:
         if r.error:
             print(f"  dead: {r.error}")
             continue
-        print(f"  {r.method} {r.url}")
+        print(f"  {r.method} {urls[r.target]}")
         for name, value in _shown_headers(r.headers, hidden):
             print(f"  {name}: {value}")
         print()

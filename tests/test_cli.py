@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from relay import __version__
@@ -287,6 +288,46 @@ def test_config_with_errors_exits_78(tmp_path: Path) -> None:
     assert result.returncode == 78
     assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 3
+
+
+# ---------------------------------------------------------------- test
+
+
+TWO_SECRET_URLS = """
+[sources.app]
+[targets.tokened]
+url = "http://user:pw@127.0.0.1:27199/x?token=${GHS}"
+[targets.literal]
+url = "http://ops:hunter2@127.0.0.1:27198/y"
+[[routes]]
+name = "r"
+source = "app"
+targets = ["tokened", "literal"]
+"""
+
+
+def test_relay_test_masks_target_urls_as_validate_does(tmp_path: Path) -> None:
+    """`relay test` prints a target's URL as `relay validate` does: "***" when it comes
+    from ${...}, without its password otherwise; `--show-secrets` prints them as they are."""
+    write(tmp_path, "f.toml", TWO_SECRET_URLS)
+    command = ("test", "-c", "f.toml", "--source", "app", "--data", "{}")
+    env = {"GHS": "s3cret"}
+    text = relay(*command, cwd=tmp_path, env=env)
+    as_json = relay(*command, "--json", cwd=tmp_path, env=env)
+    for result in (text, as_json):
+        assert result.returncode == 0, result.stderr
+        assert "s3cret" not in result.stdout
+        assert "hunter2" not in result.stdout
+        assert ":pw@" not in result.stdout
+    assert "  POST ***\n" in text.stdout
+    assert "  POST http://ops:***@127.0.0.1:27198/y\n" in text.stdout
+    requests = orjson.loads(as_json.stdout)["requests"]
+    assert [r["url"] for r in requests] == ["***", "http://ops:***@127.0.0.1:27198/y"]
+    shown = relay(*command, "--json", "--show-secrets", cwd=tmp_path, env=env)
+    assert [r["url"] for r in orjson.loads(shown.stdout)["requests"]] == [
+        "http://user:pw@127.0.0.1:27199/x?token=s3cret",
+        "http://ops:hunter2@127.0.0.1:27198/y",
+    ]
 
 
 # ---------------------------------------------------------------- init
