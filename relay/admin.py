@@ -57,7 +57,7 @@ EVENT_STATUSES = ("pending", "delivered", "dead", "unrouted")
 REPLAYABLE: tuple[DeliveryStatus, ...] = ("dead", "delivered")
 EARLIEST_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
 LATEST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
-_EVENT_ID = re.compile(r"evt_[0-9A-HJKMNP-TV-Z]{26}")
+EVENT_ID = re.compile(r"evt_[0-9A-HJKMNP-TV-Z]{26}")  # what ids.event_id makes
 
 
 class Readiness(Protocol):
@@ -222,7 +222,8 @@ class AdminApi:
     # -------------------------------------------------------------- routing
 
     async def _route(self, method: str, path: str, query: Mapping[str, str], body: bytes) -> Answer:
-        parts = path.removeprefix("/api").strip("/").split("/")
+        # Split as given: "/api/events/" or "/api//events" name no endpoint (a 404).
+        parts = path.removeprefix("/api/").split("/")
         match parts:
             case ["status"]:
                 _allow(method, "GET", path)
@@ -231,11 +232,11 @@ class AdminApi:
             case ["events"]:
                 _allow(method, "GET", path)
                 return await self._events(query)
-            case ["events", event_id]:
+            case ["events", event_id] if event_id:
                 _allow(method, "GET", path)
                 _check_params(query, ())
                 return await self._event(event_id)
-            case ["events", event_id, "replay"]:
+            case ["events", event_id, "replay"] if event_id:
                 _allow(method, "POST", path)
                 _check_params(query, ())
                 return await self._replay(Replay(statuses=REPLAYABLE, event_id=event_id))
@@ -287,7 +288,7 @@ class AdminApi:
             raise BadRequest(400, f'status: "{status}" is not one of {", ".join(EVENT_STATUSES)}')
         limit = _limit(query.get("limit") or None)
         before = query.get("before") or None
-        if before is not None and not _EVENT_ID.fullmatch(before):
+        if before is not None and not EVENT_ID.fullmatch(before):
             raise BadRequest(400, f'before: "{before}" is not an event id (evt_ + 26 characters)')
         rows = await self._journal.list_events(
             source=source, status=status, before=before, limit=limit + 1

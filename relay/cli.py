@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from relay import __version__
+from relay.admin import EVENT_ID
 from relay.config import ConfigError, effective_toml, load, shown_url, starter_toml
 from relay.dryrun import DryRun, dry_run
 from relay.logs import is_sensitive_header
@@ -114,7 +115,7 @@ def _admin_commands(with_config: Callable[[str, str], argparse.ArgumentParser]) 
     events.add_argument("--before", metavar="ID", help="only events older than this one (paging)")
     events.add_argument("--json", action="store_true", help=json_help)
     event = with_config("event", "one event: request, route decisions, deliveries, attempts")
-    event.add_argument("id", help="the event id (evt_...)")
+    event.add_argument("id", type=_event_id, help="the event id (evt_...)")
     event.add_argument("--json", action="store_true", help=json_help)
     event.add_argument(
         "--show-secrets", action="store_true", help="print credential headers unmasked"
@@ -122,7 +123,9 @@ def _admin_commands(with_config: Callable[[str, str], argparse.ArgumentParser]) 
     replay = with_config(
         "replay", "re-queue deliveries: an event's, or every dead one that matches"
     )
-    replay.add_argument("ids", nargs="*", metavar="ID", help="events whose deliveries to re-queue")
+    replay.add_argument(
+        "ids", nargs="*", type=_event_id, metavar="ID", help="events whose deliveries to re-queue"
+    )
     replay.add_argument("--dead", action="store_true", help="re-queue dead deliveries")
     replay.add_argument("--target", help="with --dead: only deliveries to this target")
     replay.add_argument("--route", help="with --dead: only deliveries of this route")
@@ -137,6 +140,13 @@ def _admin_commands(with_config: Callable[[str, str], argparse.ArgumentParser]) 
     tail.add_argument("--json", action="store_true", help="print each record as a JSON line")
     reload = with_config("reload", "ask the running daemon to reload its config (like SIGHUP)")
     reload.add_argument("--json", action="store_true", help=json_help)
+
+
+def _event_id(text: str) -> str:
+    """An argument that must be an event id: a usage error (exit 2) otherwise."""
+    if not EVENT_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(f'"{text}" is not an event id (evt_ + 26 characters)')
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:

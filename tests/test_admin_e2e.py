@@ -390,6 +390,21 @@ async def test_admin_token_guards_the_api_but_not_health(
     assert "svc" in out
 
 
+async def test_a_path_with_an_extra_slash_is_no_endpoint(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """The admin API takes paths as given: `/api/events/` (an empty event id) or
+    `/api//events` is a 404, not the list of events."""
+    daemon = await daemons(one_target(tmp_path, "log:"))
+    assert (await api(daemon, "GET", "/api/events"))[0] == 200
+    for method, path in (
+        ("GET", "/api/events/"), ("GET", "/api//events"), ("GET", "/api/status/"),
+        ("POST", "/api/events//replay"), ("POST", "/api/replay/"),
+    ):  # fmt: skip
+        status, answer, _ = await api(daemon, method, path)
+        assert (status, answer) == (404, {"error": f"no such endpoint {path}"})
+
+
 @pytest.mark.parametrize("level", ["debug", "warning"])
 async def test_tail_streams_accepted_events_and_attempts_as_server_sent_events(
     tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory, level: str

@@ -444,11 +444,18 @@ def test_run_on_a_journal_that_cannot_be_opened_exits_1_with_one_line(tmp_path: 
 
 @pytest.mark.parametrize(
     "args",
-    [(), ("bogus",), ("validate", "--no-such-option"), ("init", "a.toml", "b.toml")],
-    ids=["no-command", "unknown-command", "unknown-option", "extra-argument"],
-)
+    [
+        (), ("bogus",), ("validate", "--no-such-option"), ("init", "a.toml", "b.toml"),
+        ("event", ""), ("event", "nope"), ("replay", "evt_0", "evt_" + "0" * 26),
+    ],
+    ids=[
+        "no-command", "unknown-command", "unknown-option", "extra-argument",
+        "empty-event-id", "not-an-event-id", "not-an-event-id-to-replay",
+    ],
+)  # fmt: skip
 def test_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...]) -> None:
-    """A missing or unknown command or option is a usage error: exit 2 and a usage line."""
+    """A missing or unknown command or option, or an event id that is not one (`relay
+    event ''` once printed a traceback), is a usage error: exit 2 and a usage line."""
     result = relay(*args, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stdout == ""
