@@ -166,9 +166,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "reload": cmd_reload,
     }
     try:
-        return handler[args.command](args)
+        code = handler[args.command](args)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
     except KeyboardInterrupt:
         return EXIT_FAILURE
+    except BrokenPipeError:  # the reader went away (`relay events | head`)
+        return _stdout_gone()
+    return code
+
+
+def _stdout_gone() -> int:
+    """Exit quietly when stdout's reader is gone: stdout goes to /dev/null, so that Python's
+    own flush at exit has nowhere to fail (as the `signal` module's docs recommend). Exit 1:
+    not all of the output was written, which a script should not take for success."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_FAILURE
 
 
 def _fail(message: str, code: int) -> int:
@@ -728,6 +742,8 @@ def _follow(request: urllib.request.Request, as_json: bool) -> int:
                     text = "\n".join(data_lines)
                     data_lines = []
                     print(text if as_json else _tail_line(text), flush=True)
+    except BrokenPipeError:  # our reader went away, not the daemon: main's to handle
+        raise
     except (OSError, http.client.HTTPException) as error:
         return _fail(f"lost the daemon: {error}", EXIT_UNAVAILABLE)
     return _fail("the daemon closed the stream (stopping?)", EXIT_UNAVAILABLE)

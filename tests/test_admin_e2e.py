@@ -7,7 +7,9 @@ import base64
 import contextlib
 import io
 import logging
+import os
 import re
+import select
 import signal
 import sqlite3
 import sys
@@ -531,6 +533,41 @@ async def test_tail_command_prints_a_line_per_record_until_ctrl_c_or_the_daemon_
     assert await asyncio.wait_for(tail.wait(), DEADLINE_S) == 69
     assert tail.stderr is not None
     assert (await tail.stderr.read()).decode().startswith("relay: the daemon closed the stream")
+
+
+async def test_tail_into_a_reader_that_stops_ends_quietly(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """`relay tail | head -n 1` ends at the next record after head quits: exit 1 and no
+    "lost the daemon" (the daemon is fine) nor a traceback on stderr."""
+    daemon = await daemons(one_target(tmp_path, "log:"))
+    read_end, write_end = os.pipe()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "tail", "-c", str(daemon.config_path),
+        stdout=write_end, stderr=asyncio.subprocess.PIPE, cwd=str(REPO),
+    )  # fmt: skip
+    os.close(write_end)
+
+    async def a_line_came() -> bool:
+        await daemon.post("/hooks/app", {"probe": True})
+        return bool(select.select([read_end], [], [], 0.2)[0])
+
+    await eventually(a_line_came, interval_s=0)
+    os.close(read_end)  # the reader is gone: the next record ends relay tail
+
+    async def ended() -> bool:
+        await daemon.post("/hooks/app", {"after": True})
+        return process.returncode is not None or await _exited(process)
+
+    await eventually(ended, interval_s=0)
+    assert process.stderr is not None
+    assert (process.returncode, await process.stderr.read()) == (1, b"")
+
+
+async def _exited(process: asyncio.subprocess.Process) -> bool:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(process.wait(), 0.2)
+    return process.returncode is not None
 
 
 async def test_commands_exit_69_when_the_daemon_is_not_running(tmp_path: Path) -> None:

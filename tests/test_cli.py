@@ -330,6 +330,24 @@ def test_relay_test_masks_target_urls_as_validate_does(tmp_path: Path) -> None:
     ]
 
 
+def test_a_reader_that_stops_early_ends_relay_quietly(tmp_path: Path) -> None:
+    """`relay test ... | head` ends without a traceback: exit 1 (not all was written),
+    nothing on stderr."""
+    write(tmp_path, "f.toml", TWO_SECRET_URLS)
+    (tmp_path / "big.json").write_text(orjson.dumps({"a": "x" * 500_000}).decode())
+    with subprocess.Popen(
+        [sys.executable, "-m", "relay", "test", "-c", "f.toml", "--source", "app",
+         "--file", "big.json"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "GHS": "s3cret"},
+    ) as process:  # fmt: skip
+        assert process.stdout is not None
+        assert process.stdout.read(10) == b"source app"
+        process.stdout.close()
+        _, err = process.communicate(timeout=TIMEOUT_S)
+    assert (process.returncode, err) == (1, b"")
+
+
 # ---------------------------------------------------------------- init
 
 
