@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from relay import __version__
-from relay.admin import EVENT_ID
+from relay.admin import EVENT_ID, MAX_LIMIT, BadRequest, since_ms
 from relay.config import ConfigError, effective_toml, load, shown_url, starter_toml
 from relay.dryrun import DryRun, dry_run
 from relay.logs import is_sensitive_header
@@ -111,8 +111,12 @@ def _admin_commands(with_config: Callable[[str, str], argparse.ArgumentParser]) 
     events = with_config("events", "list recent events, newest first")
     events.add_argument("--source", help="only this source's events")
     events.add_argument("--status", choices=EVENT_STATUSES, help="only events in this state")
-    events.add_argument("--limit", type=int, help="at most this many (default 50, at most 500)")
-    events.add_argument("--before", metavar="ID", help="only events older than this one (paging)")
+    events.add_argument(
+        "--limit", type=_limit, help=f"at most this many (default 50, at most {MAX_LIMIT})"
+    )
+    events.add_argument(
+        "--before", type=_event_id, metavar="ID", help="only events older than this one (paging)"
+    )
     events.add_argument("--json", action="store_true", help=json_help)
     event = with_config("event", "one event: request, route decisions, deliveries, attempts")
     event.add_argument("id", type=_event_id, help="the event id (evt_...)")
@@ -132,6 +136,7 @@ def _admin_commands(with_config: Callable[[str, str], argparse.ArgumentParser]) 
     replay.add_argument(
         "--since",
         metavar="DUR",
+        type=_since,
         help='with --dead: events that arrived within "24h", or since a time',
     )
     replay.add_argument("--json", action="store_true", help=json_help)
@@ -146,6 +151,22 @@ def _event_id(text: str) -> str:
     """An argument that must be an event id: a usage error (exit 2) otherwise."""
     if not EVENT_ID.fullmatch(text):
         raise argparse.ArgumentTypeError(f'"{text}" is not an event id (evt_ + 26 characters)')
+    return text
+
+
+def _limit(text: str) -> str:
+    """`relay events --limit`: digits only, 1 to MAX_LIMIT, as the admin API takes it."""
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_LIMIT):
+        raise argparse.ArgumentTypeError(f'"{text}" is not a whole number from 1 to {MAX_LIMIT}')
+    return text
+
+
+def _since(text: str) -> str:
+    """`relay replay --since`: what the admin API would accept (it reads it again)."""
+    try:
+        since_ms(text, time.time_ns() // 1_000_000)
+    except BadRequest as error:
+        raise argparse.ArgumentTypeError(error.message.removeprefix("since: ")) from None
     return text
 
 
@@ -569,7 +590,7 @@ def cmd_events(args: argparse.Namespace) -> int:
         for name, value in (
             ("source", args.source),
             ("status", args.status),
-            ("limit", None if args.limit is None else str(args.limit)),
+            ("limit", args.limit),
             ("before", args.before),
         )
         if value is not None

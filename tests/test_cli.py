@@ -465,15 +465,21 @@ def test_run_on_a_journal_that_cannot_be_opened_exits_1_with_one_line(tmp_path: 
     [
         (), ("bogus",), ("validate", "--no-such-option"), ("init", "a.toml", "b.toml"),
         ("event", ""), ("event", "nope"), ("replay", "evt_0", "evt_" + "0" * 26),
+        ("events", "--limit", "0"), ("events", "--limit", "501"), ("events", "--limit", "5_0"),
+        ("events", "--limit", " +5"), ("events", "--before", "xyz"),
+        ("replay", "--dead", "--since", "garbage"), ("replay", "--dead", "--since", "9999999d"),
     ],
     ids=[
         "no-command", "unknown-command", "unknown-option", "extra-argument",
         "empty-event-id", "not-an-event-id", "not-an-event-id-to-replay",
+        "limit-0", "limit-501", "limit-5_0", "limit-plus-5", "before-not-an-id",
+        "since-garbage", "since-before-year-1",
     ],
 )  # fmt: skip
 def test_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...]) -> None:
-    """A missing or unknown command or option, or an event id that is not one (`relay
-    event ''` once printed a traceback), is a usage error: exit 2 and a usage line."""
+    """A missing or unknown command or option, an event id that is not one (`relay event
+    ''` once printed a traceback), a --limit outside 1-500, a --before that is not an
+    event id or a --since that is no time is a usage error: exit 2 and a usage line."""
     result = relay(*args, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stdout == ""
