@@ -57,6 +57,7 @@ EVENT_STATUSES = ("pending", "delivered", "dead", "unrouted")
 REPLAYABLE: tuple[DeliveryStatus, ...] = ("dead", "delivered")
 EARLIEST_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
 LATEST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+_LIMIT = re.compile(r"0*[0-9]{1,3}")  # more digits are over MAX_LIMIT anyway
 EVENT_ID = re.compile(r"evt_[0-9A-HJKMNP-TV-Z]{26}")  # what ids.event_id makes
 
 
@@ -286,7 +287,7 @@ class AdminApi:
         status = query.get("status") or None
         if status is not None and status not in EVENT_STATUSES:
             raise BadRequest(400, f'status: "{status}" is not one of {", ".join(EVENT_STATUSES)}')
-        limit = _limit(query.get("limit") or None)
+        limit = parse_limit(query.get("limit") or None)
         before = query.get("before") or None
         if before is not None and not EVENT_ID.fullmatch(before):
             raise BadRequest(400, f'before: "{before}" is not an event id (evt_ + 26 characters)')
@@ -478,19 +479,23 @@ def _allow(method: str, allowed: str, path: str) -> None:
 
 
 def _check_params(query: Mapping[str, str], known: tuple[str, ...]) -> None:
-    for name in query:
+    """Only `known` names, each once (the items of a multidict, as aiohttp gives the
+    query, show repeats)."""
+    seen: set[str] = set()
+    for name, _ in query.items():
         if name not in known:
             hint = f" (known: {', '.join(known)})" if known else ""
             raise BadRequest(400, f'unknown query parameter "{name}"{hint}')
+        if name in seen:
+            raise BadRequest(400, f'query parameter "{name}" is given more than once')
+        seen.add(name)
 
 
-def _limit(text: str | None) -> int:
+def parse_limit(text: str | None) -> int:
+    """`limit`: plain digits (no sign, space or "_", which int() would take), 1 to MAX_LIMIT."""
     if text is None:
         return DEFAULT_LIMIT
-    try:
-        limit = int(text)
-    except ValueError:
-        limit = 0
+    limit = int(text) if _LIMIT.fullmatch(text) else 0
     if not 1 <= limit <= MAX_LIMIT:
         raise BadRequest(400, f'limit: "{text}" is not a whole number from 1 to {MAX_LIMIT}')
     return limit

@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from relay import __version__
-from relay.admin import EVENT_ID, MAX_LIMIT, BadRequest, since_ms
+from relay.admin import EVENT_ID, MAX_LIMIT, BadRequest, parse_limit, since_ms
 from relay.config import ConfigError, effective_toml, load, shown_url, starter_toml
 from relay.dryrun import DryRun, dry_run
 from relay.logs import is_sensitive_header
@@ -155,9 +155,11 @@ def _event_id(text: str) -> str:
 
 
 def _limit(text: str) -> str:
-    """`relay events --limit`: digits only, 1 to MAX_LIMIT, as the admin API takes it."""
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_LIMIT):
-        raise argparse.ArgumentTypeError(f'"{text}" is not a whole number from 1 to {MAX_LIMIT}')
+    """`relay events --limit`: what the admin API would accept (digits, 1 to MAX_LIMIT)."""
+    try:
+        parse_limit(text)
+    except BadRequest as error:
+        raise argparse.ArgumentTypeError(error.message.removeprefix("limit: ")) from None
     return text
 
 

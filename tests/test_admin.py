@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from multidict import MultiDict
 
 from relay import ids
 from relay.admin import AdminApi, BadRequest, SourceCounters, replay_filter, since_ms
@@ -305,6 +306,27 @@ async def test_routing_errors_are_one_line_4xx(tmp_path: Path, journal: Journal)
     for method, path, query, expected in cases:
         status, answer = await api.handle(method, path, query, b"", None)
         assert (status, set(answer)) == (expected, {"error"}), (method, path)
+
+
+async def test_limit_is_plain_digits_and_a_parameter_is_given_once(
+    tmp_path: Path, journal: Journal
+) -> None:
+    """`limit` takes plain digits only ("5_0" or " +5" are not 50 or 5, they are a 400),
+    and a query parameter given twice (`?limit=1&limit=600`) is a 400 that names it."""
+    api, _ = make_api(journal, write_config(tmp_path))
+    for good in ("50", "050", "1", "500"):
+        assert (await api.handle("GET", "/api/events", {"limit": good}, b"", None))[0] == 200
+    for bad in ("5_0", " +5", "+5", "5 ", "0", "501", "\u0665", "9" * 5000):
+        status, answer = await api.handle("GET", "/api/events", {"limit": bad}, b"", None)
+        assert (status, answer["error"]) == (
+            400, f'limit: "{bad}" is not a whole number from 1 to 500'
+        ), bad  # fmt: skip
+    twice = MultiDict([("limit", "1"), ("limit", "600")])  # as aiohttp hands the query over
+    assert await api.handle("GET", "/api/events", twice, b"", None) == (
+        400, {"error": 'query parameter "limit" is given more than once'}
+    )  # fmt: skip
+    repeated_source = MultiDict([("source", "app"), ("source", "app")])
+    assert (await api.handle("GET", "/api/events", repeated_source, b"", None))[0] == 400
 
 
 async def test_replay_wakes_the_lanes_it_touched(tmp_path: Path, journal: Journal) -> None:

@@ -409,6 +409,20 @@ async def test_a_path_with_an_extra_slash_is_no_endpoint(
         assert (status, answer) == (404, {"error": f"no such endpoint {path}"})
 
 
+async def test_a_limit_with_a_sign_space_or_underscore_is_a_400(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """`GET /api/events?limit=` takes plain digits: `5_0` and ` +5` are refused, not read
+    as 50 and 5."""
+    daemon = await daemons(one_target(tmp_path, "log:"))
+    assert (await api(daemon, "GET", "/api/events?limit=050"))[0] == 200
+    for raw, shown in (("5_0", "5_0"), ("%20%2B5", " +5")):
+        status, answer, _ = await api(daemon, "GET", f"/api/events?limit={raw}")
+        assert (status, answer) == (
+            400, {"error": f'limit: "{shown}" is not a whole number from 1 to 500'}
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("level", ["debug", "warning"])
 async def test_tail_streams_accepted_events_and_attempts_as_server_sent_events(
     tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory, level: str
