@@ -244,7 +244,7 @@ class AdminApi:
             case ["replay"]:
                 _allow(method, "POST", path)
                 _check_params(query, ())
-                return await self._replay(replay_filter(body, _now_ms()))
+                return await self._replay(self._selection(body))
             case ["reload"]:
                 _allow(method, "POST", path)
                 _check_params(query, ())
@@ -314,6 +314,14 @@ class AdminApi:
         if event is None:
             raise BadRequest(404, f"no event {event_id}")
         return 200, event_json(event)
+
+    def _selection(self, body: bytes) -> Replay:
+        """`POST /api/replay`'s body, checked against the running config's names."""
+        selection = replay_filter(body, _now_ms())
+        unknown = unknown_name(selection.target, selection.route, self.current_config())
+        if unknown is not None:
+            raise BadRequest(400, unknown)
+        return selection
 
     async def _replay(self, selection: Replay) -> Answer:
         config = self.current_config()
@@ -425,6 +433,19 @@ def replay_filter(body: bytes, now_ms: int) -> Replay:
         route=data.get("route") or None,
         since_ms=since_ms(since, now_ms) if since else None,
     )
+
+
+def unknown_name(
+    target: str | None, route: str | None, config: Config, where: str = "the daemon's config"
+) -> str | None:
+    """Why a replay's target or route is refused: it is not in the config. A removed one's
+    deliveries could not be sent (no lane; a removed route's end dead again), so such a
+    name is a typo, or needs the target or route back first (then reload, then replay)."""
+    routes = [r.name for r in config.routes]
+    for kind, name, known in (("target", target, list(config.targets)), ("route", route, routes)):
+        if name is not None and name not in known:
+            return f'{kind}: "{name}" is not in {where} (known: {", ".join(known) or "none"})'
+    return None
 
 
 def since_ms(text: str, now_ms: int) -> int:

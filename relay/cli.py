@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from relay import __version__
-from relay.admin import EVENT_ID, MAX_LIMIT, BadRequest, parse_limit, since_ms
+from relay.admin import EVENT_ID, MAX_LIMIT, BadRequest, parse_limit, since_ms, unknown_name
 from relay.config import ConfigError, effective_toml, load, shown_url, starter_toml
 from relay.dryrun import DryRun, dry_run
 from relay.logs import is_sensitive_header
@@ -698,6 +698,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     config = _load(args)
     if isinstance(config, int):
         return config
+    unknown = unknown_name(args.target, args.route, config, str(config.path))  # as the daemon
+    if unknown is not None:
+        return _fail(unknown, EXIT_USAGE)
     requests: list[tuple[str, bytes]]
     if args.dead:
         chosen = {"target": args.target, "route": args.route, "since": args.since}

@@ -373,6 +373,33 @@ targets = ["flaky", "fine"]
     assert "cannot be replayed" in answer["error"]
 
 
+async def test_replay_of_a_target_or_route_not_in_the_config_is_refused(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """`relay replay --dead --target nosuch` says the name is unknown (exit 2) instead of
+    "requeued 0"; the API answers 400 the same way, also when only the daemon's running
+    config lacks the name (a target added to the file but not reloaded yet)."""
+    daemon = await daemons(one_target(tmp_path, "log:"))
+    config = str(daemon.config_path)
+    for option, line in (
+        ("--target", 'target: "nosuch" is not in {} (known: svc)'),
+        ("--route", 'route: "nosuch" is not in {} (known: app-to-svc)'),
+    ):
+        assert await relay_cli("replay", "-c", config, "--dead", option, "nosuch") == (
+            2, "", f"relay: {line.format(config)}\n"
+        )  # fmt: skip
+        key = option.removeprefix("--")
+        status, answer, _ = await api(daemon, "POST", "/api/replay", {key: "nosuch"})
+        assert (status, answer) == (400, {"error": line.format("the daemon's config")})
+    daemon.config_path.write_text(
+        daemon.config_path.read_text() + '[targets.later]\nurl = "log:"\n'
+    )
+    assert await relay_cli("replay", "-c", config, "--dead", "--target", "later") == (
+        1, "", 'relay: target: "later" is not in the daemon\'s config (known: svc)\n'
+    )  # fmt: skip
+    assert (await relay_cli("replay", "-c", config, "--dead", "--target", "svc"))[0] == 0
+
+
 async def test_admin_token_guards_the_api_but_not_health(
     tmp_path: Path, daemons: DaemonFactory
 ) -> None:
