@@ -461,10 +461,22 @@ def cmd_send(args: argparse.Namespace) -> int:
     except urllib.error.HTTPError as error:
         status, text = error.code, error.read().decode(errors="replace")
     except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        return _fail(f"daemon unreachable at {request.full_url}: {reason}", EXIT_UNAVAILABLE)
+        return _send_failed(request.full_url, error)
     print(f"{status} {text}")
     return EXIT_OK if 200 <= status < 300 else EXIT_FAILURE
+
+
+def _send_failed(url: str, error: OSError) -> int:
+    """`relay send` reached no answer: a certificate it does not trust (exit 1; the daemon
+    is there), or no daemon at all (exit 69)."""
+    reason = getattr(error, "reason", error)
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        why = reason.verify_message or reason.reason or "certificate verify failed"
+        return _fail(
+            f"the daemon's certificate at {url} is not trusted ({why}); --insecure skips the check",
+            EXIT_FAILURE,
+        )
+    return _fail(f"daemon unreachable at {url}: {reason}", EXIT_UNAVAILABLE)
 
 
 # ---------------------------------------------------------------- the admin API's commands

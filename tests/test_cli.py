@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import stat
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import trustme
 
 from relay import __version__
 
-from conftest import free_port
+from conftest import Daemon, free_port, server_toml
 
 TIMEOUT_S = 30
 
@@ -346,6 +348,37 @@ def test_a_reader_that_stops_early_ends_relay_quietly(tmp_path: Path) -> None:
         process.stdout.close()
         _, err = process.communicate(timeout=TIMEOUT_S)
     assert (process.returncode, err) == (1, b"")
+
+
+# ---------------------------------------------------------------- send
+
+
+async def test_send_to_an_untrusted_certificate_says_so(
+    tmp_path: Path, daemons: Callable[..., Awaitable[Daemon]]
+) -> None:
+    """`relay send` to a TLS listener whose certificate it does not trust (self-signed)
+    says that, and names --insecure: exit 1, not "daemon unreachable" (exit 69)."""
+    certificate = trustme.CA().issue_cert("127.0.0.1")
+    certificate.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    certificate.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    tls = {"tls_cert": f'"{tmp_path / "server.pem"}"', "tls_key": f'"{tmp_path / "server.key"}"'}
+    daemon = await daemons(
+        server_toml(tmp_path, listen_port=free_port(), **tls)
+        + '[sources.app]\n[targets.t]\nurl = "log:"\n'
+        + '[[routes]]\nname = "r"\nsource = "app"\ntargets = ["t"]\n'
+    )
+    result = await asyncio.to_thread(
+        relay, "send", "app", "-c", str(daemon.config_path), "--data", "{}", cwd=tmp_path
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    said = f"relay: the daemon's certificate at https://{daemon.listen}/hooks/app is not trusted"
+    assert result.stderr.startswith(said + " (")  # then OpenSSL's reason, which varies
+    assert result.stderr.endswith("); --insecure skips the check\n")
+    assert result.stderr.count("\n") == 1
+    trusted = await asyncio.to_thread(
+        relay, "send", "app", "-c", str(daemon.config_path), "--insecure", cwd=tmp_path
+    )
+    assert (trusted.returncode, trusted.stdout[:4]) == (0, "202 ")
 
 
 # ---------------------------------------------------------------- init
