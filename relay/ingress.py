@@ -585,8 +585,8 @@ def admin_handler(
 
 async def _admin_api(api: AdminApi, request: web.BaseRequest) -> web.StreamResponse:
     authorization = request.headers.get("Authorization")
-    query = {name: request.query[name] for name in request.query}  # the first of repeats
-    if request.method == "GET" and request.path.rstrip("/") == "/api/tail":
+    query = request.query  # a multidict: admin refuses a parameter given twice
+    if request.method == "GET" and request.path == "/api/tail":
         opened = api.open_tail(query, authorization)
         if isinstance(opened, tuple):
             return _api_json(*opened)

@@ -425,7 +425,7 @@ async def test_a_path_with_an_extra_slash_is_no_endpoint(
     tmp_path: Path, daemons: DaemonFactory
 ) -> None:
     """The admin API takes paths as given: `/api/events/` (an empty event id) or
-    `/api//events` is a 404, not the list of events."""
+    `/api//events` is a 404, not the list of events; `/api/tail/` is no stream."""
     daemon = await daemons(one_target(tmp_path, "log:"))
     assert (await api(daemon, "GET", "/api/events"))[0] == 200
     for method, path in (
@@ -434,13 +434,15 @@ async def test_a_path_with_an_extra_slash_is_no_endpoint(
     ):  # fmt: skip
         status, answer, _ = await api(daemon, method, path)
         assert (status, answer) == (404, {"error": f"no such endpoint {path}"})
+    status, answer, _ = await api(daemon, "GET", "/api/tail/")
+    assert (status, answer) == (404, {"error": "no such endpoint /api/tail/"})
 
 
 async def test_a_limit_with_a_sign_space_or_underscore_is_a_400(
     tmp_path: Path, daemons: DaemonFactory
 ) -> None:
     """`GET /api/events?limit=` takes plain digits: `5_0` and ` +5` are refused, not read
-    as 50 and 5."""
+    as 50 and 5; a limit given twice is refused too, not read as the first."""
     daemon = await daemons(one_target(tmp_path, "log:"))
     assert (await api(daemon, "GET", "/api/events?limit=050"))[0] == 200
     for raw, shown in (("5_0", "5_0"), ("%20%2B5", " +5")):
@@ -448,6 +450,8 @@ async def test_a_limit_with_a_sign_space_or_underscore_is_a_400(
         assert (status, answer) == (
             400, {"error": f'limit: "{shown}" is not a whole number from 1 to 500'}
         )  # fmt: skip
+    status, answer, _ = await api(daemon, "GET", "/api/events?limit=1&limit=600")
+    assert (status, answer) == (400, {"error": 'query parameter "limit" is given more than once'})
 
 
 @pytest.mark.parametrize("level", ["debug", "warning"])
