@@ -147,6 +147,10 @@ def _kind(value: object) -> str:
     return type(value).__name__
 
 
+class DurationTooLong(ValueError):
+    """A well-formed duration over `MAX_DURATION_S`."""
+
+
 def parse_duration(text: str) -> float:
     """Seconds in a duration string: "250ms", "10s", "5m", "2h", "7d", "1h30m", or "0".
 
@@ -167,7 +171,7 @@ def parse_duration(text: str) -> float:
         Decimal(0),
     )
     if total > MAX_DURATION_S:
-        raise ValueError(f'duration "{text}" is too long: at most 100 years ("36500d")')
+        raise DurationTooLong(f'duration "{text}" is too long: at most 100 years ("36500d")')
     return float(total)
 
 
