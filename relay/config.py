@@ -199,6 +199,9 @@ def parse_size(value: str | int) -> int:
     return int(size)
 
 
+MAX_RATE_COUNT: Final = 1_000_000_000  # per period, and a burst: beyond it a float overflows
+
+
 def parse_rate(text: str) -> Rate:
     """A rate string: "50/s", "600/m", "1000/h", "10/d", or a count per duration ("5/10s")."""
     if not isinstance(text, str):
@@ -216,6 +219,8 @@ def parse_rate(text: str) -> Rate:
         raise ValueError(f'invalid rate "{text}": the unit after "/" is s, m, h, d or a duration')
     if count < 1 or per_s <= 0:
         raise ValueError(f'invalid rate "{text}": must be more than zero')
+    if count > MAX_RATE_COUNT:
+        raise ValueError(f'invalid rate "{text}": the count is at most {MAX_RATE_COUNT:_}')
     return Rate(count, per_s)
 
 
@@ -1130,7 +1135,7 @@ def _build_source(ctx: _Context, table: _Table, name: str, server: ServerConfig)
     dedupe = _build_dedupe(ctx, table, verify, verify_ok)
     max_body = table.get("max_body", _size, server.max_body_bytes)
     rate_limit = table.get("rate_limit", _rate, None)
-    burst = table.get("burst", _int(1), None)
+    burst = table.get("burst", _int(1, MAX_RATE_COUNT), None)
     allow_from = table.get("allow_from", _list(_network), ())
     ack_status = table.get("ack_status", _int(200, 299), 202)
     challenge = table.get("challenge", _choice(("", "slack", "meta")), "")

@@ -226,9 +226,13 @@ def test_parse_rate_reads_count_per_unit(text: str, rate: Rate) -> None:
     assert parse_rate(text) == rate
 
 
-@pytest.mark.parametrize("bad", ["50", "50/x", "0/s", "/s", "1.5/s", 50])
+@pytest.mark.parametrize(
+    "bad", ["50", "50/x", "0/s", "/s", "1.5/s", 50, "1000000001/s", "9" * 400 + "/s"]
+)
 def test_parse_rate_rejects_bad_input(bad: object) -> None:
-    """A rate needs a positive whole count, a "/" and a unit."""
+    """A rate needs a positive whole count (at most a billion: more is no limit, and a
+    count of hundreds of digits would overflow a float at the first request), a "/" and
+    a unit."""
     with pytest.raises(ValueError, match="rate"):
         parse_rate(bad)  # type: ignore[arg-type]
 
@@ -553,6 +557,8 @@ sync = "sometimes"
 retention = "forever"
 [sources.a]
 ack_status = 302
+rate_limit = "10/s"
+burst = 10_000_000_000
 [targets.t]
 url = "ftp://example.com"
 concurrency = 0
@@ -565,6 +571,7 @@ targets = ["t"]
         'relay.toml: server.sync: invalid value "sometimes" (expected one of "full", "normal")',
         'relay.toml: server.retention: invalid duration "forever": use a number and a unit '
         '(ms, s, m, h, d), e.g. "10s"',
+        "relay.toml: sources.a.burst: must be from 1 to 1000000000, got 10000000000",
         "relay.toml: sources.a.ack_status: must be from 200 to 299, got 302",
         'relay.toml: targets.t.url: expected an absolute http(s) URL or "log:", '
         'got "ftp://example.com"',
