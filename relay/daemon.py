@@ -50,6 +50,7 @@ CHECKPOINT_EVERY_S = 10.0
 PRUNE_EVERY_S = 60.0
 PRUNE_BATCH = 500
 FORCED_EXIT_CODE = 1
+STOPPING_REFUSAL = "relay is stopping: the reload is not applied"
 GC_THRESHOLDS = (7000, 20, 100)  # allocations between young collections; older gens' ratios
 
 
@@ -201,6 +202,9 @@ class Reloader:
         self._sweeps: set[asyncio.Task[None]] = set()
 
     async def reload(self) -> tuple[bool, list[str]]:
+        if self._running.deliverer.stopping:  # `relay reload` while the daemon stops
+            log.error("config.reload_failed", errors=[STOPPING_REFUSAL])
+            return False, [STOPPING_REFUSAL]
         async with self._lock:
             monotonic_usec = time.monotonic_ns() // 1000
             self._notifier.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")

@@ -201,6 +201,7 @@ class Lane:
         self._poke = asyncio.Event()  # the lane's own state changed (pause, reload, stop)
         self._nothing_waiting = False  # paused, and nothing pending when last looked
         self._held_off_until = 0.0  # monotonic time before which nothing starts
+        self._changed_s = -math.inf  # wall time a reload last changed what the target is sent
         self._ordering_checked = False  # pending deliveries keyed to match `ordered`?
         self._fresh_until = 0.0  # monotonic time until which offers alone bring new work
         self._missed = 0  # offers not taken (and other journal changes): counted
@@ -293,12 +294,16 @@ class Lane:
             self._nothing_waiting = False
             self._poke.set()
 
-    def retarget(self, target: TargetConfig) -> None:
-        """A reload's new settings, from the next attempt on (in-flight ones finish as they are)."""
+    def retarget(self, target: TargetConfig) -> bool:
+        """A reload's new settings, from the next attempt on (in-flight ones finish as they
+        are). True when what the target is sent changed: then `drain` makes its waiting
+        deliveries due, a paused target probes at once, and a failure of an attempt that
+        tried the old settings is retried at once."""
         old, self.target = self.target, target
         self._window = max(16, 4 * target.concurrency)
         if (old.ordered, old.order_key) != (target.ordered, target.order_key):
             self._ordering_checked = False
+            self._forget_window()  # read again, in the new order, one per queue
         if target.concurrency > old.concurrency and self._staffed:
             self._staff()  # fewer: the extra workers end after their attempt
         if target.rate_limit != old.rate_limit:
@@ -310,12 +315,15 @@ class Lane:
                 target.pause_after, target.retry.first_s, target.retry.max_s,
                 self.pause.snapshot(), time.time(),
             )  # fmt: skip
-        if (target.url, target.method, target.headers, target.sign) != (
-            old.url, old.method, old.headers, old.sign,
-        ):  # fmt: skip
-            self.pause.probe_now(time.time())  # a fixed URL is tried at once, not in an hour
+        sends_otherwise = (target.url, target.method, target.headers, target.sign,
+                           target.timeout_s) != (old.url, old.method, old.headers, old.sign,
+                                                 old.timeout_s)  # fmt: skip
+        if sends_otherwise:  # a fixed URL is tried at once, not in an hour
+            self._changed_s = time.time()
+            self.pause.probe_now(self._changed_s)
         self._poke.set()
         self._journal_changed()
+        return sends_otherwise
 
     async def run(self) -> None:
         """Restore the pause, then keep the workers going until the lane stops."""
@@ -388,11 +396,10 @@ class Lane:
                 break
             spacer = self._spacer  # a reload replaced it meanwhile: a slot of the new one
         started_s = time.time()
-        if (
-            self._stopping
-            or index >= self.target.concurrency
-            or not self.pause.may_start(started_s)  # last: a True is a start
-        ):
+        if self._stopping:
+            self._held.discard(delivery.id)  # as `stop_taking` let go of the window
+            return None
+        if index >= self.target.concurrency or not self.pause.may_start(started_s):  # a start
             self._ready.appendleft(delivery)
             return None
         return delivery, started_s
@@ -480,6 +487,9 @@ class Lane:
                 body = delivery.body
                 if body is None:  # a large one: read now, not held by the window
                     body = await self._journal.body_of(delivery.event_id)
+                if body is None:  # its event is gone: it ended (and was pruned) meanwhile
+                    self.pause.abandon(started_s=started_s)
+                    return
                 request_or_reason = self._prepare(delivery, body, target, settings, started_s)
             except Exception:
                 self.pause.abandon(started_s=started_s)  # never sent: a probe must not stay out
@@ -571,6 +581,8 @@ class Lane:
             failure=result.failure,
             retry_after_s=policy.retry_after_for(result.status, result.retry_after, decided_at_s),
         )
+        if step.outcome is policy.Outcome.RETRY and started_s < self._changed_s:
+            step.next_at_s = decided_at_s  # it tried what a reload has changed since: again now
         record = AttemptRecord(
             delivery_id=delivery.id,
             event_id=delivery.event_id,
@@ -647,9 +659,9 @@ class Lane:
             )
         await self._save_pause()
         if change.kind == "resumed":
-            await self._drain()
+            await self.drain()
 
-    async def _drain(self) -> None:
+    async def drain(self) -> None:
         """A target that comes back is drained at once, not on each delivery's own schedule."""
         try:
             while await self._journal.drain(self.target.name, _now_ms()) > 0:
@@ -762,8 +774,15 @@ class Lane:
         )
         report_dead(self._metrics, [dead], reason)
 
+    def _forget_window(self) -> None:
+        """Let go of the deliveries read but not started: they stay pending in the journal."""
+        for delivery in self._ready:
+            self._held.discard(delivery.id)
+        self._ready.clear()
+
     def stop_taking(self) -> None:
         self._stopping = True
+        self._forget_window()  # a lane of the same name, re-added, may send them
         self._stopped.set()
         self._poke.set()
         self._wake.set()
@@ -819,6 +838,7 @@ class Deliverer:
         self._retiring: set[asyncio.Task[int]] = set()
         # per target name, its removed lanes that are still finishing (see `Lane`)
         self._retiring_lanes: dict[str, list[Lane]] = {}
+        self.stopping = False  # `stop_taking` was called: no lane starts from here on
         self.settings: Settings | None = None
         self.lanes: dict[str, Lane] = {}
         self._runners: dict[str, asyncio.Task[None]] = {}
@@ -849,8 +869,8 @@ class Deliverer:
         for name, target in config.targets.items():
             if name not in self.lanes:
                 self._start_lane(target)
-            elif target != old.targets.get(name):
-                self.lanes[name].retarget(target)
+            elif target != old.targets.get(name) and self.lanes[name].retarget(target):
+                await self.lanes[name].drain()
         removed = [name for name in self.lanes if name not in config.targets]
         for name in removed:
             lane = self.lanes.pop(name)
@@ -893,6 +913,7 @@ class Deliverer:
 
     def stop_taking(self) -> None:
         """From now on no lane starts an attempt (deliveries stay pending in the journal)."""
+        self.stopping = True
         for lane in self.lanes.values():
             lane.stop_taking()
 
@@ -904,7 +925,7 @@ class Deliverer:
         await asyncio.gather(*self._runners.values(), return_exceptions=True)
         deadline = time.monotonic() + grace_s
         cut = 0
-        for lane in self.lanes.values():
+        for lane in list(self.lanes.values()):
             cut += await lane.finish(max(0.0, deadline - time.monotonic()))
         for retiring in list(self._retiring):  # lanes of targets a reload removed
             retiring.cancel()

@@ -1100,16 +1100,15 @@ class Journal:
             for r in rows
         ]  # fmt: skip
 
-    async def body_of(self, event_id: str) -> bytes:
-        """The body of an event (for a delivery whose window left it out: `DueDelivery`)."""
+    async def body_of(self, event_id: str) -> bytes | None:
+        """The body of an event (for a delivery whose window left it out: `DueDelivery`);
+        None when the event is gone (it ended, and retention pruned it)."""
         rows = list(
             await self._reader.execute_fetchall(
                 "SELECT body FROM payloads WHERE event_id = ?", (event_id,)
             )
         )
-        if not rows:
-            raise JournalError(f"event {event_id}: its payload is gone")
-        return bytes(rows[0][0])
+        return bytes(rows[0][0]) if rows else None
 
     async def next_due_ms(
         self, target: str, exclude: Collection[str] = (), *, ordering: Ordering = ""

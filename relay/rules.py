@@ -532,7 +532,8 @@ def rfc3339_ms(ms: int) -> str:
         return _millisecond[1]
     seconds = ms // 1000
     if _second[0] != seconds:  # many events share a second: format it once
-        _second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+        at = time.gmtime(seconds)  # %Y does not pad years before 1000 to four digits
+        _second = (seconds, f"{at.tm_year:04d}" + time.strftime("-%m-%dT%H:%M:%S", at))
     text = f"{_second[1]}.{ms % 1000:03d}Z"
     _millisecond = (ms, text)
     return text

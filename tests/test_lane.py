@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -320,3 +322,31 @@ async def test_a_retry_of_a_removed_target_does_not_revive_its_dead_delivery(
         assert await journal.fetch("SELECT status, last_error FROM deliveries") == [
             ("dead", "target removed")
         ]
+
+
+async def test_a_large_body_whose_event_was_pruned_meanwhile_is_skipped_quietly(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery read in a window without its large body (read when its attempt starts)
+    whose event is deleted before then (it ended, and retention pruned it) is skipped and
+    the lane goes straight on to the next one: no error, no hold-off."""
+    monkeypatch.setattr(delivery_module, "LANE_BACKOFF_S", 3600.0)  # a hold-off would hang
+    path = tmp_path / "relay.db"
+    async with open_journal(path, "normal") as journal:
+        big, small = new_event(1), new_event(2)
+        big = dataclasses.replace(big, body=b'{"pad": "' + b"x" * 100_000 + b'"}')
+        for event in (big, small):
+            assert await journal.append(event) is None
+        real_due = journal.due
+
+        async def due_then_pruned(*args: Any, **kwargs: Any) -> list[DueDelivery]:
+            rows = await real_due(*args, **kwargs)
+            if any(row.event_id == big.id for row in rows):
+                assert [row.body for row in rows if row.event_id == big.id] == [None]
+                with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+                    conn.execute("DELETE FROM payloads WHERE event_id = ?", (big.id,))
+            return rows
+
+        journal.due = due_then_pruned  # type: ignore[method-assign]
+        async with delivering(tmp_path, receiver.url, journal):
+            await eventually(lambda: receiver.event_ids() == [small.id])

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import math
 import signal
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -413,3 +416,138 @@ async def test_a_paused_target_whose_url_is_fixed_is_tried_at_once(
     resumed = await daemon.wait_log("target.resumed")
     assert resumed["target"] == "svc"
     await eventually(lambda: sorted(svc.event_ids()) == sorted(accepted))
+
+
+async def test_a_url_fixed_while_the_probe_of_the_old_one_is_in_flight_is_tried_at_once(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A paused target's probe is in flight when a reload fixes its URL: when that probe
+    fails, the new URL is probed at once, not after the next (here hour-long) cooldown."""
+    old, new = await receivers(), await receivers()
+    probe_answered = asyncio.Event()
+
+    async def hanging_failure() -> tuple[int, dict[str, str], bytes]:
+        await probe_answered.wait()
+        return 503, {}, b"still down"
+
+    old.default = (503, {}, b"down")
+    old.script.extend([(503, {}, b"down"), hanging_failure])
+    port = free_port()
+    settings = 'pause_after = 1\nretry = { first = "1h", max = "1h" }'
+    daemon = await daemons(one_lane(tmp_path, port, old.url, settings))
+    _, reply, _ = await daemon.post("/hooks/app", {"n": 1})
+    await daemon.wait_log("target.paused")
+    await daemon.stop()
+    soon_ms = int(time.time() * 1000) + 500  # the cooldown ends in half a second
+    with contextlib.closing(sqlite3.connect(daemon.journal)) as conn, conn:
+        conn.execute("UPDATE targets SET paused_until_ms = ?", (soon_ms,))
+        conn.execute("UPDATE deliveries SET next_at_ms = ?", (soon_ms,))  # its retry too
+    await daemon.start()
+    await eventually(lambda: old.current == 1)  # the probe, to the old URL, hangs
+    daemon.config_path.write_text(one_lane(tmp_path, port, new.url, settings))
+    await reload_and_wait(daemon, "config.reloaded")
+    probe_answered.set()  # the old URL's probe fails
+    await daemon.wait_log("delivery.succeeded", event_id=reply["id"])
+    assert new.event_ids() == [reply["id"]]
+
+
+async def test_a_reload_asked_for_while_relay_stops_is_refused(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """`relay reload` (the admin API) after SIGTERM is refused with a reason; the stop goes
+    on and ends with exit 0 (found by review: a lane added then broke the stop)."""
+    a, b = await receivers(), await receivers()
+    a.gate = asyncio.Event()
+    port = free_port()
+    daemon = await daemons(config(tmp_path, port, a, b, extra_route=False))
+    await daemon.post("/hooks/app", {"n": 1})
+    await eventually(lambda: a.current == 1)
+    daemon.signal(signal.SIGTERM)
+    await daemon.wait_log("relay.stopping")
+    daemon.config_path.write_text(config(tmp_path, port, a, b, extra_route=True))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(daemon.admin_url("/api/reload")) as response,
+    ):
+        answer = await response.json()
+    assert answer == {"ok": False, "errors": ["relay is stopping: the reload is not applied"]}
+    a.gate.set()
+    assert await daemon.wait() == 0
+    assert await daemon.wait_log("relay.stopped") is not None
+
+
+async def test_a_re_added_target_sends_what_the_removed_lane_only_had_in_its_window(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Removed while one attempt hangs and two more deliveries wait in its window, re-added
+    and replayed: the new lane sends the two at once (the old lane will never send them);
+    only the one in flight is left to the old lane."""
+    hanging, fixed = await receivers(), await receivers()
+    hanging.gate = asyncio.Event()
+    port = free_port()
+    daemon = await daemons(one_lane(tmp_path, port, hanging.url, "concurrency = 1"))
+    ids = [(await daemon.post("/hooks/app", {"n": n}))[1]["id"] for n in range(3)]
+    await eventually(lambda: hanging.current == 1)
+    without = server_toml(tmp_path, listen_port=port) + "[sources.app]\n"
+    daemon.config_path.write_text(without)
+    await reload_and_wait(daemon, "config.reloaded")
+    daemon.config_path.write_text(one_lane(tmp_path, port, fixed.url, "concurrency = 1"))
+    await reload_and_wait(daemon, "config.reloaded")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(daemon.admin_url("/api/replay"), json={"target": "svc"}) as response,
+    ):
+        assert (await response.json())["requeued"] == 3
+    await eventually(lambda: sorted(fixed.event_ids()) == sorted(ids[1:]))
+    hanging.gate.set()
+
+
+async def test_a_target_made_ordered_sends_its_waiting_deliveries_one_at_a_time(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Two at a time until a reload sets `ordered = true`: from then on one at a time,
+    the deliveries the lane had already read included."""
+    svc = await receivers()
+    release = asyncio.Event()
+    spans: list[list[float]] = []
+
+    async def timed() -> tuple[int, dict[str, str], bytes]:
+        span = [time.monotonic(), math.inf]
+        spans.append(span)
+        await release.wait()
+        await asyncio.sleep(0.05)  # a target that takes its time: overlaps would show
+        span[1] = time.monotonic()
+        return 200, {}, b"ok"
+
+    svc.script.extend([timed] * 8)
+    port = free_port()
+    daemon = await daemons(one_lane(tmp_path, port, svc.url, "concurrency = 2"))
+    for n in range(8):
+        await daemon.post("/hooks/app", {"n": n})
+    await eventually(lambda: svc.current == 2)
+    daemon.config_path.write_text(
+        one_lane(tmp_path, port, svc.url, "concurrency = 2\nordered = true")
+    )
+    await reload_and_wait(daemon, "config.reloaded")
+    release.set()
+    await eventually(lambda: len(svc.requests) == 8 and svc.current == 0)
+    for n in range(2, 8):  # each starts once every earlier one has ended
+        assert spans[n][0] >= max(end for _, end in spans[:n])
+
+
+async def test_a_retry_scheduled_against_the_old_url_goes_at_once_to_the_new_one(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A delivery that failed against a wrong URL waits an hour for its retry; once a
+    reload fixes the URL it is due at once, as a resumed target's deliveries are."""
+    svc = await receivers()
+    port = free_port()
+    settings = 'pause_after = 100\nretry = { first = "1h", max = "1h" }'
+    daemon = await daemons(one_lane(tmp_path, port, f"http://127.0.0.1:{free_port()}/x", settings))
+    _, reply, _ = await daemon.post("/hooks/app", {"n": 1})
+    failed = await daemon.wait_log("delivery.failed", event_id=reply["id"])
+    assert failed["retry_in_s"] > 60  # jittered, but far off
+    daemon.config_path.write_text(one_lane(tmp_path, port, svc.url, settings))
+    await reload_and_wait(daemon, "config.reloaded")
+    await daemon.wait_log("delivery.succeeded", event_id=reply["id"])
+    assert svc.event_ids() == [reply["id"]]

@@ -606,3 +606,5 @@ def test_received_at_is_rfc3339_utc_with_milliseconds_in_any_order() -> None:
     for ms in [base_ms, base_ms, base_ms + 1, base_ms + 2, base_ms + 2, base_ms - 5, base_ms]:
         expected = datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
         assert rules.rfc3339_ms(ms) == expected.replace("+00:00", "Z")
+    year_one_ms = -62_135_596_800_000  # the earliest `since` a replay takes
+    assert rules.rfc3339_ms(year_one_ms + 5) == "0001-01-01T00:00:00.005Z"  # four digits
