@@ -292,19 +292,9 @@ async def test_a_large_backlog_is_not_loaded_into_memory(
 ) -> None:
     """100,000 pending deliveries: the daemon only ever holds a small window of them."""
     svc = await receivers()
-    svc.gate = asyncio.Event()  # the target holds every request: the backlog stays
     settings = 'concurrency = 4\nretry = { max_age = "30d" }'
-    empty = await daemons(one_target(tmp_path / "empty", svc.url, settings))
-    await empty.post("/hooks/app", {"warm": "up"})
-    await eventually(lambda: svc.current == 1)
-    baseline = rss_bytes(empty)
-    await empty.kill()
-    svc.gate.set()
-    svc.gate = asyncio.Event()
-    (tmp_path / "full").mkdir()
-    make_backlog(tmp_path / "full" / "relay.db", 100_000, body=b'{"pad": "' + b"x" * 900 + b'"}')
-    with contextlib.closing(sqlite3.connect(tmp_path / "full" / "relay.db")) as conn, conn:
-        conn.execute("DELETE FROM targets")  # open: the lane does pull from the backlog
+    baseline = await idle_rss_bytes(tmp_path, daemons, svc, settings)
+    make_open_backlog(tmp_path, 100_000, body=b'{"pad": "' + b"x" * 900 + b'"}')
     full = await daemons(one_target(tmp_path / "full", svc.url, settings))
     assert await full.wait_log("relay.started", pending=100_000) is not None
     await eventually(lambda: svc.current == 4)
@@ -320,20 +310,10 @@ async def test_a_backlog_of_large_bodies_is_not_held_a_window_at_a_time(
     of the one in flight, not those of the window of due deliveries behind it (16 x 4 MiB);
     each is still sent byte for byte."""
     svc = await receivers()
-    svc.gate = asyncio.Event()
     settings = 'concurrency = 1\nretry = { max_age = "30d" }'
-    empty = await daemons(one_target(tmp_path / "empty", svc.url, settings))
-    await empty.post("/hooks/app", {"warm": "up"})
-    await eventually(lambda: svc.current == 1)
-    baseline = rss_bytes(empty)
-    await empty.kill()
-    svc.gate.set()
-    svc.gate, svc.requests = asyncio.Event(), []
-    (tmp_path / "full").mkdir()
+    baseline = await idle_rss_bytes(tmp_path, daemons, svc, settings)
     body = b'{"pad": "' + b"x" * (4 * 2**20) + b'"}'
-    make_backlog(tmp_path / "full" / "relay.db", 24, body=body)
-    with contextlib.closing(sqlite3.connect(tmp_path / "full" / "relay.db")) as conn, conn:
-        conn.execute("DELETE FROM targets")  # open: the lane does pull from the backlog
+    make_open_backlog(tmp_path, 24, body=body)
     full = await daemons(one_target(tmp_path / "full", svc.url, settings))
     await eventually(lambda: svc.current == 1)
     grown = rss_bytes(full) - baseline
@@ -341,6 +321,30 @@ async def test_a_backlog_of_large_bodies_is_not_held_a_window_at_a_time(
     svc.gate.set()
     await eventually(lambda: len(svc.requests) == 24)
     assert all(request.body == body for request in svc.requests)
+
+
+async def idle_rss_bytes(
+    tmp_path: Path, daemons: DaemonFactory, svc: Receiver, settings: str
+) -> int:
+    """The resident memory of a daemon with nothing pending and one request in flight;
+    on return `svc` holds every request it gets (a fresh gate) and has none recorded."""
+    svc.gate = asyncio.Event()
+    empty = await daemons(one_target(tmp_path / "empty", svc.url, settings))
+    await empty.post("/hooks/app", {"warm": "up"})
+    await eventually(lambda: svc.current == 1)
+    baseline = rss_bytes(empty)
+    await empty.kill()
+    svc.gate.set()
+    svc.gate, svc.requests = asyncio.Event(), []
+    return baseline
+
+
+def make_open_backlog(tmp_path: Path, count: int, body: bytes) -> None:
+    """`count` pending deliveries in tmp_path/full/relay.db, their target not paused."""
+    (tmp_path / "full").mkdir()
+    make_backlog(tmp_path / "full" / "relay.db", count, body=body)
+    with contextlib.closing(sqlite3.connect(tmp_path / "full" / "relay.db")) as conn, conn:
+        conn.execute("DELETE FROM targets")  # open: the lane does pull from the backlog
 
 
 def rss_bytes(daemon: Daemon) -> int:

@@ -54,6 +54,17 @@ async def reload_and_wait(daemon: Daemon, event: str) -> dict[str, object]:
     return await daemon.wait_log(event, after=count)
 
 
+async def replay_dead(daemon: Daemon, target: str) -> tuple[int, object]:
+    """`POST /api/replay` of `target`'s dead deliveries: the status and the answer."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            daemon.admin_url("/api/replay"), json={"status": "dead", "target": target}
+        ) as response,
+    ):
+        return response.status, await response.json()
+
+
 async def test_a_route_added_while_traffic_flows(
     tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
 ) -> None:
@@ -243,13 +254,7 @@ async def test_a_replay_while_a_removed_lane_still_attempts_does_not_send_twice(
     await daemon.wait_log("delivery.dead", event_id=first["id"], target="b")
     daemon.config_path.write_text(with_b)
     await reload_and_wait(daemon, "config.reloaded")
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            daemon.admin_url("/api/replay"), json={"status": "dead", "target": "b"}
-        ) as response,
-    ):
-        assert (response.status, await response.json()) == (200, {"requeued": 1, "skipped": 0})
+    assert await replay_dead(daemon, "b") == (200, {"requeued": 1, "skipped": 0})
     _, second, _ = await daemon.post("/hooks/app", {"copy": True})
     # The re-added lane (one at a time) takes the next event, not the replayed one in flight.
     await eventually(lambda: b.current == 2)
@@ -322,13 +327,7 @@ async def test_a_removed_target_can_be_re_added_and_its_dead_deliveries_replayed
     daemon.config_path.write_text(with_b)
     readded = await reload_and_wait(daemon, "config.reloaded")
     assert readded["targets_added"] == ["b"]
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            daemon.admin_url("/api/replay"), json={"status": "dead", "target": "b"}
-        ) as response,
-    ):
-        assert (response.status, await response.json()) == (200, {"requeued": 1, "skipped": 0})
+    assert await replay_dead(daemon, "b") == (200, {"requeued": 1, "skipped": 0})
     await eventually(lambda: len(b.requests) == 2)
     assert b.requests[-1].headers["X-Relay-Event-Id"] == reply["id"]
     await eventually(
