@@ -203,9 +203,10 @@ class Reloader:
 
     async def reload(self) -> tuple[bool, list[str]]:
         if self._running.deliverer.stopping:  # `relay reload` while the daemon stops
-            log.error("config.reload_failed", errors=[STOPPING_REFUSAL])
-            return False, [STOPPING_REFUSAL]
+            return _refused_while_stopping()
         async with self._lock:
+            if self._running.deliverer.stopping:  # it began while this one waited
+                return _refused_while_stopping()
             monotonic_usec = time.monotonic_ns() // 1000
             self._notifier.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
             outcome: tuple[bool, list[str]] | None = None  # None: the reload raised
@@ -254,6 +255,11 @@ class Reloader:
         # and no reload in between (the lock), which could re-add one during the sweep.
         async with self._lock:
             await _sweep_removed(self._running, gone_routes)
+
+
+def _refused_while_stopping() -> tuple[bool, list[str]]:
+    log.error("config.reload_failed", errors=[STOPPING_REFUSAL])
+    return False, [STOPPING_REFUSAL]
 
 
 def reload_status(outcome: tuple[bool, list[str]] | None, address: str) -> str:

@@ -196,12 +196,13 @@ class Lane:
         self._metrics = services.metrics
         self._window = max(16, 4 * target.concurrency)
         self._ready: deque[DueDelivery] = deque()
+        # Counts `_forget_window`s: a read, or a delivery taken, from before one is let go.
+        self._window_generation = 0
         self._held: set[str] = set()  # in the window, in flight, or outcome not yet committed
         self._wake = asyncio.Event()  # new work may be due
         self._poke = asyncio.Event()  # the lane's own state changed (pause, reload, stop)
         self._nothing_waiting = False  # paused, and nothing pending when last looked
         self._held_off_until = 0.0  # monotonic time before which nothing starts
-        self._changed_s = -math.inf  # wall time a reload last changed what the target is sent
         self._ordering_checked = False  # pending deliveries keyed to match `ordered`?
         self._fresh_until = 0.0  # monotonic time until which offers alone bring new work
         self._missed = 0  # offers not taken (and other journal changes): counted
@@ -296,9 +297,10 @@ class Lane:
 
     def retarget(self, target: TargetConfig) -> bool:
         """A reload's new settings, from the next attempt on (in-flight ones finish as they
-        are). True when what the target is sent changed: then `drain` makes its waiting
-        deliveries due, a paused target probes at once, and a failure of an attempt that
-        tried the old settings is retried at once."""
+        are). A paused target whose requests change probes at once. True when the endpoint
+        changed (url, method): then `drain` makes its scheduled retries due, and a failure
+        of an attempt to the old endpoint is retried at once and does not count toward a
+        pause (a Retry-After of the same endpoint still holds when only headers change)."""
         old, self.target = self.target, target
         self._window = max(16, 4 * target.concurrency)
         if (old.ordered, old.order_key) != (target.ordered, target.order_key):
@@ -315,15 +317,11 @@ class Lane:
                 target.pause_after, target.retry.first_s, target.retry.max_s,
                 self.pause.snapshot(), time.time(),
             )  # fmt: skip
-        sends_otherwise = (target.url, target.method, target.headers, target.sign,
-                           target.timeout_s) != (old.url, old.method, old.headers, old.sign,
-                                                 old.timeout_s)  # fmt: skip
-        if sends_otherwise:  # a fixed URL is tried at once, not in an hour
-            self._changed_s = time.time()
-            self.pause.probe_now(self._changed_s)
+        if _sending(target) != _sending(old):  # a fixed URL or token is tried at once
+            self.pause.probe_now(time.time())
         self._poke.set()
         self._journal_changed()
-        return sends_otherwise
+        return _endpoint(target) != _endpoint(old)
 
     async def run(self) -> None:
         """Restore the pause, then keep the workers going until the lane stops."""
@@ -388,6 +386,7 @@ class Lane:
                     return None
         if index >= self.target.concurrency:  # a reload lowered it while this one waited
             return None
+        generation = self._window_generation
         delivery = self._ready.popleft()
         spacer = self._spacer
         while spacer is not None:
@@ -396,8 +395,9 @@ class Lane:
                 break
             spacer = self._spacer  # a reload replaced it meanwhile: a slot of the new one
         started_s = time.time()
-        if self._stopping:
-            self._held.discard(delivery.id)  # as `stop_taking` let go of the window
+        if self._stopping or generation != self._window_generation:
+            self._held.discard(delivery.id)  # let go of with the window while it waited
+            self._journal_changed()  # pending again for a read (which it held back if ordered)
             return None
         if index >= self.target.concurrency or not self.pause.may_start(started_s):  # a start
             self._ready.appendleft(delivery)
@@ -439,7 +439,7 @@ class Lane:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), None if math.isinf(trust_s) else trust_s)
             return
-        missed = self._missed
+        missed, generation = self._missed, self._window_generation
         self._retry_cap = math.inf
         self._reading = not self.ordering
         try:
@@ -449,6 +449,9 @@ class Lane:
         finally:
             self._reading = False
             meanwhile, self._offered_meanwhile = self._offered_meanwhile, []
+        if generation != self._window_generation:  # read in an order or a lane now gone
+            self._journal_changed()
+            return
         self._ready.extend(rows)
         self._held.update(row.id for row in rows)
         if meanwhile and self.ordering:  # a reload made the lane ordered: the order rules
@@ -581,8 +584,9 @@ class Lane:
             failure=result.failure,
             retry_after_s=policy.retry_after_for(result.status, result.retry_after, decided_at_s),
         )
-        if step.outcome is policy.Outcome.RETRY and started_s < self._changed_s:
-            step.next_at_s = decided_at_s  # it tried what a reload has changed since: again now
+        old_endpoint = _endpoint(target) != _endpoint(self.target)  # a reload moved it since
+        if step.outcome is policy.Outcome.RETRY and old_endpoint:
+            step.next_at_s = decided_at_s  # the new endpoint has not been tried: at once
         record = AttemptRecord(
             delivery_id=delivery.id,
             event_id=delivery.event_id,
@@ -596,7 +600,7 @@ class Lane:
             next_at_ms=int((step.next_at_s or 0) * 1000),
             reason=step.reason,
         )
-        change = self._note_target_health(outcome, result, started_s)
+        change = self._note_target_health(outcome, result, started_s, old_endpoint)
         if change is not None:
             await self._pause_changed(change, result)
         committed = self._journal.record(record)
@@ -637,10 +641,15 @@ class Lane:
         return names
 
     def _note_target_health(
-        self, outcome: policy.Outcome, result: AttemptResult, started_s: float
+        self, outcome: policy.Outcome, result: AttemptResult, started_s: float, old: bool
     ) -> policy.PauseChange | None:
-        """Feed the pause state machine; its change, if this attempt made one."""
+        """Feed the pause state machine; its change, if this attempt made one. A failure
+        of the endpoint a reload replaced (`old`) says nothing of the new one: not
+        counted (a probe of it is let go, so the new endpoint is probed at once)."""
         failed = policy.is_target_failure(outcome)
+        if failed and old:
+            self.pause.abandon(started_s=started_s)
+            return None
         if failed:
             self.last_error = result.failure
         return self.pause.record(not failed, time.time(), started_s=started_s)
@@ -775,7 +784,9 @@ class Lane:
         report_dead(self._metrics, [dead], reason)
 
     def _forget_window(self) -> None:
-        """Let go of the deliveries read but not started: they stay pending in the journal."""
+        """Let go of the deliveries read but not started (those being read or waiting for
+        their start too): they stay pending in the journal."""
+        self._window_generation += 1
         for delivery in self._ready:
             self._held.discard(delivery.id)
         self._ready.clear()
@@ -805,6 +816,16 @@ class Lane:
             remaining_s = max(0.0, deadline - time.monotonic())
             await asyncio.wait(set(self._recording), timeout=remaining_s)
         return len(cut)
+
+
+def _endpoint(target: TargetConfig) -> tuple[str, str]:
+    """Where a target's requests go: a reload that changes it makes a new start."""
+    return target.url, target.method
+
+
+def _sending(target: TargetConfig) -> tuple[object, ...]:
+    """What a target's requests are: a reload that changes it lets a paused target probe."""
+    return target.url, target.method, target.headers, target.sign, target.timeout_s
 
 
 def _now_ms() -> int:
@@ -855,6 +876,9 @@ class Deliverer:
     def _start_lane(self, target: TargetConfig) -> None:
         lane = Lane(target, self._services, self._retiring_lanes.setdefault(target.name, []))
         self.lanes[target.name] = lane
+        if self.stopping:  # a reload that was under way when the stop began: no attempts
+            lane.stop_taking()
+            return
         self._runners[target.name] = asyncio.create_task(lane.run(), name=f"lane-{target.name}")
 
     async def reconfigure(self, config: Config, grace_s: float) -> list[str]:
@@ -875,7 +899,9 @@ class Deliverer:
         for name in removed:
             lane = self.lanes.pop(name)
             lane.stop_taking()
-            self._runners.pop(name).cancel()
+            runner = self._runners.pop(name, None)  # none: a lane added while stopping
+            if runner is not None:
+                runner.cancel()
             self._retiring_lanes[name].append(lane)
             retiring = asyncio.create_task(lane.finish(grace_s))
             self._retiring.add(retiring)

@@ -333,7 +333,6 @@ class TargetPause:
     """
 
     __slots__ = (
-        "_changed_s",
         "_failures",
         "_in_flight",
         "_opened_s",
@@ -363,7 +362,6 @@ class TargetPause:
         self._probe_started_s: float | None = None  # set exactly when probing
         self._opened_s = -math.inf  # when the last pause ended
         self._in_flight = 0  # allowed starts not yet recorded (the fallback without started_s)
-        self._changed_s = -math.inf  # when the target's settings last changed (`probe_now`)
 
     # -- reading ---------------------------------------------------------------
 
@@ -418,10 +416,9 @@ class TargetPause:
 
     def probe_now(self, now_s: float) -> None:
         """The operator changed what the target is sent (its URL, say): a paused target
-        may send its probe at once instead of waiting out the cooldown; a probe in flight
-        tried the old settings, so if it fails the next probe goes at once too. The pause
-        count stays: a failed probe of the new settings pauses it for the next cooldown."""
-        self._changed_s = now_s
+        may send its probe at once instead of waiting out the cooldown. The pause count
+        stays: a failed probe pauses it again, for the next cooldown. (A probe already in
+        flight tried the old settings: its caller `abandon`s it rather than record it.)"""
         if self._paused_until_s is not None and self._probe_started_s is None:
             self._paused_until_s = min(self._paused_until_s, now_s)
 
@@ -489,9 +486,6 @@ class TargetPause:
     def _pause(self, now_s: float) -> PauseChange:
         self._pauses += 1
         cooldown_s = self.cooldown_s(self._pauses)
-        probe_s = self._probe_started_s
-        if probe_s is not None and probe_s < self._changed_s:
-            cooldown_s = 0.0  # the probe tried settings a reload has changed since
         if self._paused_since_s is None:
             self._paused_since_s = now_s
         self._paused_until_s = now_s + cooldown_s

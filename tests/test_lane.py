@@ -20,6 +20,7 @@ from relay.config import load
 from relay.delivery import Deliverer, open_deliverer
 from relay.journal import DueDelivery, Journal, NewDelivery, NewEvent, Replay, open_journal
 from relay.metrics import Metrics
+from relay.model import Config
 from relay.netpolicy import NetworkPolicy
 from relay.tail import Tail
 
@@ -350,3 +351,66 @@ async def test_a_large_body_whose_event_was_pruned_meanwhile_is_skipped_quietly(
         journal.due = due_then_pruned  # type: ignore[method-assign]
         async with delivering(tmp_path, receiver.url, journal):
             await eventually(lambda: receiver.event_ids() == [small.id])
+
+
+def slow_replies(receiver: Receiver, count: int, seconds: float) -> None:
+    """`receiver` takes `seconds` over each of its next `count` requests (a slow target:
+    requests that overlap show in `max_concurrent`)."""
+
+    async def slow() -> tuple[int, dict[str, str], bytes]:
+        await asyncio.sleep(seconds)
+        return 200, {}, b"ok"
+
+    receiver.script.extend([slow] * count)
+
+
+def made_ordered(tmp_path: Path) -> Config:
+    path = tmp_path / "relay.toml"
+    path.write_text(path.read_text().replace("concurrency = 4", "concurrency = 4\nordered = true"))
+    return load(path)
+
+
+async def test_a_read_under_way_when_the_target_is_made_ordered_is_read_again_in_order(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """Rows of a read that began before a reload made the target ordered are not sent as
+    they were read (four at once): the lane reads again, in order, one at a time."""
+    reading, release = asyncio.Event(), asyncio.Event()
+    slow_replies(receiver, 8, 0.05)
+    async with open_journal(tmp_path / "relay.db", "normal") as journal:
+        for n in range(8):
+            assert await journal.append(new_event(n)) is None
+        real_due = journal.due
+
+        async def held_unordered_read(*args: Any, **kwargs: Any) -> list[DueDelivery]:
+            rows = await real_due(*args, **kwargs)
+            if not reading.is_set() and kwargs.get("ordering") == "":
+                reading.set()
+                await release.wait()
+            return rows
+
+        journal.due = held_unordered_read  # type: ignore[method-assign]
+        async with delivering(tmp_path, receiver.url, journal, concurrency=4) as deliverer:
+            await reading.wait()
+            await deliverer.reconfigure(made_ordered(tmp_path), 1.0)
+            release.set()
+            await eventually(lambda: len(receiver.requests) == 8 and receiver.current == 0)
+    assert receiver.max_concurrent == 1
+
+
+async def test_deliveries_waiting_for_their_rate_slot_when_made_ordered_go_one_at_a_time(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """Deliveries already taken and waiting for their `rate_limit` slot when a reload
+    makes the target ordered are let go and read again: one request at a time after it."""
+    slow_replies(receiver, 8, 0.3)  # longer than the 0.125 s between starts
+    async with open_journal(tmp_path / "relay.db", "normal") as journal:
+        for n in range(8):
+            assert await journal.append(new_event(n)) is None
+        async with delivering(
+            tmp_path, receiver.url, journal, concurrency=4, settings='rate_limit = "8/s"'
+        ) as deliverer:
+            await eventually(lambda: receiver.current == 1)  # the others wait for their slots
+            await deliverer.reconfigure(made_ordered(tmp_path), 1.0)
+            await eventually(lambda: len(receiver.requests) == 8 and receiver.current == 0)
+    assert receiver.max_concurrent == 1

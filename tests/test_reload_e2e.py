@@ -550,3 +550,43 @@ async def test_a_retry_scheduled_against_the_old_url_goes_at_once_to_the_new_one
     await reload_and_wait(daemon, "config.reloaded")
     await daemon.wait_log("delivery.succeeded", event_id=reply["id"])
     assert svc.event_ids() == [reply["id"]]
+
+
+async def test_failures_of_the_old_url_do_not_pause_the_fixed_target(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """Attempts still hanging at the old URL when a reload fixes it fail afterwards: their
+    failures say nothing of the new URL, so they neither pause the target nor wait out a
+    backoff; each is sent to the new URL at once."""
+    old, new = await receivers(), await receivers()
+    old.gate = asyncio.Event()
+    old.default = (503, {}, b"down")
+    port = free_port()
+    settings = 'concurrency = 4\npause_after = 3\nretry = { first = "1h", max = "1h" }'
+    daemon = await daemons(one_lane(tmp_path, port, old.url, settings))
+    ids = [(await daemon.post("/hooks/app", {"n": n}))[1]["id"] for n in range(4)]
+    await eventually(lambda: old.current == 4)
+    daemon.config_path.write_text(one_lane(tmp_path, port, new.url, settings))
+    await reload_and_wait(daemon, "config.reloaded")
+    old.gate.set()  # the four attempts of the old URL fail
+    await eventually(lambda: sorted(new.event_ids()) == sorted(ids))
+    assert not daemon.events("target.paused")
+
+
+async def test_a_reload_that_changes_only_the_timeout_keeps_a_retry_after(
+    tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
+) -> None:
+    """A target that answered 429 with `Retry-After: 600` is not tried again early because
+    a reload changed its timeout: the same endpoint asked for the wait (only a new URL or
+    method makes waiting retries due at once)."""
+    svc = await receivers()
+    svc.script.append((429, {"Retry-After": "600"}, b"slow down"))
+    port = free_port()
+    settings = 'pause_after = 100\nretry = { first = "1s", max = "1h" }\ntimeout = "10s"'
+    daemon = await daemons(one_lane(tmp_path, port, svc.url, settings))
+    _, reply, _ = await daemon.post("/hooks/app", {"n": 1})
+    await daemon.wait_log("delivery.failed", event_id=reply["id"])
+    daemon.config_path.write_text(one_lane(tmp_path, port, svc.url, settings.replace("10s", "11s")))
+    await reload_and_wait(daemon, "config.reloaded")  # logged once the lanes are reconfigured
+    [(next_at_ms,)] = daemon.query("SELECT next_at_ms FROM deliveries")
+    assert next_at_ms > time.time() * 1000 + 500_000
