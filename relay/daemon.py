@@ -207,15 +207,20 @@ class Reloader:
         async with self._lock:
             if self._running.deliverer.stopping:  # it began while this one waited
                 return _refused_while_stopping()
-            monotonic_usec = time.monotonic_ns() // 1000
+            monotonic_usec, stopping = time.monotonic_ns() // 1000, False
             self._notifier.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
             outcome: tuple[bool, list[str]] | None = None  # None: the reload raised
             try:
                 outcome = await self._reload()
                 return outcome
+            except asyncio.CancelledError:  # the daemon stops (STOPPING=1 is sent): no READY
+                stopping = True
+                raise
             finally:
-                address = self._running.inbound.address
-                self._notifier.send("READY=1", "STATUS=" + reload_status(outcome, str(address)))
+                if not stopping:
+                    address = self._running.inbound.address
+                    status = reload_status(outcome, str(address))
+                    self._notifier.send("READY=1", "STATUS=" + status)
 
     async def _reload(self) -> tuple[bool, list[str]]:
         old = self._running.config

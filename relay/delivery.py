@@ -313,10 +313,8 @@ class Lane:
                 policy.StartSpacer(target.rate_limit.per_second) if target.rate_limit else None
             )
         if (target.pause_after, target.retry) != (old.pause_after, old.retry):
-            self.pause = policy.TargetPause.restore(
-                target.pause_after, target.retry.first_s, target.retry.max_s,
-                self.pause.snapshot(), time.time(),
-            )  # fmt: skip
+            # in place: a probe in flight stays the one probe (found by review)
+            self.pause.configure(target.pause_after, target.retry.first_s, target.retry.max_s)
         if _sending(target) != _sending(old):  # a fixed URL or token is tried at once
             self.pause.probe_now(time.time())
         self._poke.set()
@@ -401,6 +399,7 @@ class Lane:
             return None
         if index >= self.target.concurrency or not self.pause.may_start(started_s):  # a start
             self._ready.appendleft(delivery)
+            self._wake.set()  # a worker waiting at the gate takes it
             return None
         return delivery, started_s
 
@@ -409,8 +408,14 @@ class Lane:
         if self._stopping or self._held_off_until > time.monotonic():  # looked at again
             return False
         if not self._ordering_checked:
-            await self._journal.key_ordering(self.target.name, self.ordering)
-            self._ordering_checked = True
+            self._ordering_checked = True  # a requeue or reload during the write undoes it
+            try:
+                await self._journal.key_ordering(self.target.name, self.ordering)
+            except BaseException:
+                self._ordering_checked = False
+                raise
+            if not self._ordering_checked:  # re-keyed meanwhile: again, for what is now
+                return False
         if not await self._open():
             return False
         if self._ready:
@@ -644,10 +649,10 @@ class Lane:
         self, outcome: policy.Outcome, result: AttemptResult, started_s: float, old: bool
     ) -> policy.PauseChange | None:
         """Feed the pause state machine; its change, if this attempt made one. A failure
-        of the endpoint a reload replaced (`old`) says nothing of the new one: not
-        counted (a probe of it is let go, so the new endpoint is probed at once)."""
+        or success of the endpoint a reload replaced (`old`) says nothing of the new one:
+        not counted (a probe of it is let go, so the new endpoint is probed at once)."""
         failed = policy.is_target_failure(outcome)
-        if failed and old:
+        if old:  # a success of the old endpoint says nothing of the new one either
             self.pause.abandon(started_s=started_s)
             return None
         if failed:
@@ -890,11 +895,12 @@ class Deliverer:
         """
         old = self._current().config
         self.settings = Settings.of(config)
+        moved: list[Lane] = []  # every lane retargeted before any await: none sees a mix
         for name, target in config.targets.items():
             if name not in self.lanes:
                 self._start_lane(target)
             elif target != old.targets.get(name) and self.lanes[name].retarget(target):
-                await self.lanes[name].drain()
+                moved.append(self.lanes[name])
         removed = [name for name in self.lanes if name not in config.targets]
         for name in removed:
             lane = self.lanes.pop(name)
@@ -907,6 +913,8 @@ class Deliverer:
             self._retiring.add(retiring)
             retiring.add_done_callback(self._retiring.discard)
             retiring.add_done_callback(functools.partial(self._retired, name, lane))
+        for lane in moved:  # a new endpoint: its scheduled retries are due now
+            await lane.drain()
         return removed
 
     def _retired(self, name: str, lane: Lane, _finished: asyncio.Task[int]) -> None:

@@ -346,6 +346,19 @@ class TargetPause:
     )
 
     def __init__(self, pause_after: int, first_s: float, max_s: float) -> None:
+        self.configure(pause_after, first_s, max_s)
+        self._failures = 0  # consecutive counted failures; reset by a success
+        self._pauses = 0  # consecutive pauses; reset by a resume
+        self._paused_until_s: float | None = None  # None exactly when open
+        self._paused_since_s: float | None = None  # start of the first consecutive pause
+        self._probe_started_s: float | None = None  # set exactly when probing
+        self._opened_s = -math.inf  # when the last pause ended
+        self._in_flight = 0  # allowed starts not yet recorded (the fallback without started_s)
+
+    def configure(self, pause_after: int, first_s: float, max_s: float) -> None:
+        """Set (or change, on a reload) the thresholds; the state stays as it is: a probe
+        in flight is still the one probe, and a cooldown under way is capped by the new
+        `max_s` when it is next looked at (`wait_s`, `may_start`)."""
         if pause_after < 1:
             raise ValueError(f"pause_after must be at least 1, got {pause_after!r}")
         if not (first_s > 0 and math.isfinite(first_s)):
@@ -355,13 +368,6 @@ class TargetPause:
         self.pause_after = pause_after
         self.first_s = float(first_s)
         self.max_s = float(max_s)
-        self._failures = 0  # consecutive counted failures; reset by a success
-        self._pauses = 0  # consecutive pauses; reset by a resume
-        self._paused_until_s: float | None = None  # None exactly when open
-        self._paused_since_s: float | None = None  # start of the first consecutive pause
-        self._probe_started_s: float | None = None  # set exactly when probing
-        self._opened_s = -math.inf  # when the last pause ended
-        self._in_flight = 0  # allowed starts not yet recorded (the fallback without started_s)
 
     # -- reading ---------------------------------------------------------------
 

@@ -414,3 +414,107 @@ async def test_deliveries_waiting_for_their_rate_slot_when_made_ordered_go_one_a
             await deliverer.reconfigure(made_ordered(tmp_path), 1.0)
             await eventually(lambda: len(receiver.requests) == 8 and receiver.current == 0)
     assert receiver.max_concurrent == 1
+
+
+def rewritten(tmp_path: Path, old: str, new: str) -> Config:
+    """The lane's config file with `old` replaced by `new`, loaded (a reload's config)."""
+    path = tmp_path / "relay.toml"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    return load(path)
+
+
+async def test_a_delivery_put_back_by_a_worker_a_reload_retired_is_still_sent(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A reload lowers `concurrency` while a worker waits for its rate-limit slot with a
+    delivery: the worker ends and puts it back, and the remaining worker sends it (it
+    was waiting for a wake-up that never came, until the next event)."""
+    async with (
+        open_journal(tmp_path / "relay.db", "normal") as journal,
+        delivering(
+            tmp_path, receiver.url, journal, concurrency=2, settings='rate_limit = "1/s"'
+        ) as deliverer,
+    ):
+        for event in (new_event(0), new_event(1)):
+            assert await journal.append(event) is None
+            deliverer.accepted(event)
+        await eventually(lambda: len(receiver.requests) == 1)  # the other waits ~1 s
+        await deliverer.reconfigure(rewritten(tmp_path, "concurrency = 2", "concurrency = 1"), 1.0)
+        await eventually(lambda: len(receiver.requests) == 2)
+
+
+async def test_a_requeue_while_the_queue_is_being_keyed_keys_it_again(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A delivery routed under the config from before the target was made ordered, handed
+    over while the lane is keying its queue for the new order, is keyed too and sent (it
+    stayed unkeyed, invisible to the ordered lane)."""
+    async with open_journal(tmp_path / "relay.db", "normal") as journal:
+        real_key_ordering = journal.key_ordering
+        keying, keyed = asyncio.Event(), asyncio.Event()
+
+        async def held_keying(target: str, ordering: Any) -> int:
+            count = await real_key_ordering(target, ordering)
+            if ordering == "fifo" and not keying.is_set():
+                keying.set()
+                await keyed.wait()
+            return count
+
+        journal.key_ordering = held_keying  # type: ignore[method-assign]
+        async with delivering(tmp_path, receiver.url, journal) as deliverer:
+            await deliverer.reconfigure(
+                rewritten(tmp_path, "concurrency = 1", "concurrency = 1\nordered = true"), 1.0
+            )
+            await keying.wait()
+            stale = new_event(1)  # no order key: routed under the old config
+            assert await journal.append(stale) is None
+            deliverer.accepted(stale)
+            keyed.set()
+            await eventually(lambda: receiver.event_ids() == [stale.id])
+
+
+async def test_a_success_of_the_old_endpoint_does_not_resume_a_pause_of_the_new_one(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """The target moved to a URL that fails and paused it; an attempt still in flight to
+    the old URL then succeeds: that says nothing of the new URL, which stays paused (no
+    resume, no drain of its backlog into it)."""
+    new = await Receiver(default=(503, {}, b"down")).start()
+    answer = asyncio.Event()
+
+    async def held_ok() -> tuple[int, dict[str, str], bytes]:
+        await answer.wait()
+        return 200, {}, b"ok"
+
+    receiver.script.append(held_ok)
+    settings = 'pause_after = 1\nretry = { attempts = 12, first = "60s" }'
+    try:
+        async with (
+            open_journal(tmp_path / "relay.db", "normal") as journal,
+            delivering(
+                tmp_path, receiver.url, journal, concurrency=2, settings=settings
+            ) as deliverer,
+        ):
+            first, second = new_event(1), new_event(2)
+            assert await journal.append(first) is None
+            deliverer.accepted(first)
+            await eventually(lambda: receiver.current == 1)  # in flight to the old URL
+            await deliverer.reconfigure(rewritten(tmp_path, receiver.url, new.url), 1.0)
+            assert await journal.append(second) is None
+            deliverer.accepted(second)
+            lane = deliverer.lanes["svc"]
+            await eventually(lambda: lane.pause.state == "paused")  # the new URL failed
+            answer.set()  # the old URL answers 200: recorded, and the pause is decided
+            delivered = "SELECT status FROM deliveries WHERE id = ?"
+
+            async def first_delivered() -> bool:
+                rows = await journal.fetch(delivered, (first.deliveries[0].id,))
+                return rows == [("delivered",)]
+
+            await eventually(first_delivered)
+            assert lane.pause.state == "paused"
+            assert len(new.requests) == 1
+    finally:
+        await new.stop()

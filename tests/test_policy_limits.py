@@ -393,6 +393,20 @@ def test_a_changed_target_may_probe_at_once_and_a_failed_probe_pauses_again() ->
     assert _state(opened) == "open"
 
 
+def test_new_thresholds_leave_a_probe_in_flight_the_only_one() -> None:
+    """A reload that changes `pause_after` or the retry schedule while a probe is out keeps
+    that probe the one probe (a rebuilt state had let a second one out); a shorter `max`
+    shortens a cooldown under way."""
+    pause = _paused_at(100.0)
+    assert pause.may_start(105.0)
+    pause.configure(pause_after=5, first_s=5.0, max_s=60.0)
+    assert _state(pause) == "probing"
+    assert not pause.may_start(105.5)
+    assert pause.record(False, 106.0, started_s=105.0) == PauseChange("paused", 10.0)
+    pause.configure(pause_after=5, first_s=1.0, max_s=2.0)
+    assert pause.wait_s(106.0) == 2.0
+
+
 def test_a_successful_probe_resumes_the_target() -> None:
     """The probe's success resumes the target: everything may start again and the log says
     how long it was paused."""
