@@ -263,6 +263,8 @@ class Lane:
         of another config: they keep the key of their day, so the queue is re-keyed
         before it is read again."""
         self._ordering_checked = False
+        if self.ordering:  # a replayed delivery may now head its queue: read in order again
+            self._forget_window()
         self.wake()
 
     def _keeping_up(self) -> bool:
@@ -696,8 +698,9 @@ class Lane:
     async def _restore_pause(self) -> None:
         if self._restored:
             return
-        self._restored = True
+        target = self.target
         saved = await self._journal.load_target(self.target.name)
+        self._restored = True  # only once read: a failed read is tried again (`run`)
         if saved is None:
             return
         until_s = None if saved.paused_until_ms is None else saved.paused_until_ms / 1000
@@ -708,6 +711,8 @@ class Lane:
             (saved.failures, saved.pauses, until_s),
             time.time(),
         )
+        if _sending(self.target) != _sending(target):  # a reload during the read
+            self.pause.probe_now(time.time())
         if self.pause.state != "open":
             self.last_error = saved.last_error
             log.warning(
@@ -961,7 +966,12 @@ class Deliverer:
         cut = 0
         for lane in list(self.lanes.values()):
             cut += await lane.finish(max(0.0, deadline - time.monotonic()))
-        for retiring in list(self._retiring):  # lanes of targets a reload removed
+        # Lanes of targets a reload removed: their attempts get the same grace, then are
+        # cut (cancelling `finish` alone would leave them running past the stop).
+        for lanes in list(self._retiring_lanes.values()):
+            for lane in list(lanes):
+                cut += await lane.finish(max(0.0, deadline - time.monotonic()))
+        for retiring in list(self._retiring):
             retiring.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
         return cut

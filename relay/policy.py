@@ -424,7 +424,8 @@ class TargetPause:
         """The operator changed what the target is sent (its URL, say): a paused target
         may send its probe at once instead of waiting out the cooldown. The pause count
         stays: a failed probe pauses it again, for the next cooldown. (A probe already in
-        flight tried the old settings: its caller `abandon`s it rather than record it.)"""
+        flight to an endpoint a reload replaced: its caller `abandon`s it rather than
+        record it.)"""
         if self._paused_until_s is not None and self._probe_started_s is None:
             self._paused_until_s = min(self._paused_until_s, now_s)
 

@@ -18,7 +18,16 @@ from relay import delivery as delivery_module
 from relay import ids
 from relay.config import load
 from relay.delivery import Deliverer, open_deliverer
-from relay.journal import DueDelivery, Journal, NewDelivery, NewEvent, Replay, open_journal
+from relay.journal import (
+    DueDelivery,
+    Journal,
+    JournalError,
+    NewDelivery,
+    NewEvent,
+    Replay,
+    SavedPause,
+    open_journal,
+)
 from relay.metrics import Metrics
 from relay.model import Config
 from relay.netpolicy import NetworkPolicy
@@ -518,3 +527,121 @@ async def test_a_success_of_the_old_endpoint_does_not_resume_a_pause_of_the_new_
             assert len(new.requests) == 1
     finally:
         await new.stop()
+
+
+async def test_stop_ends_the_attempts_of_a_target_a_reload_removed(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A reload removed the target while its attempt hangs (30 s to finish); relay then
+    stops with 0.3 s of grace: the attempt is cut and counted when stop returns, not left
+    running past the stop (its outcome could never be recorded)."""
+    answer = asyncio.Event()
+
+    async def held() -> tuple[int, dict[str, str], bytes]:
+        await answer.wait()
+        return 200, {}, b"ok"
+
+    receiver.script.append(held)
+    journal_path, config_path = tmp_path / "relay.db", tmp_path / "relay.toml"
+    async with (
+        open_journal(journal_path, "normal") as journal,
+        delivering(tmp_path, receiver.url, journal) as deliverer,
+    ):
+        event = new_event(1)
+        assert await journal.append(event) is None
+        deliverer.accepted(event)
+        await eventually(lambda: receiver.current == 1)
+        removed = deliverer.lanes["svc"]
+        config_path.write_text(
+            server_toml(tmp_path) + '[sources.app]\n[targets.other]\nurl = "log:"\n'
+        )
+        assert await deliverer.reconfigure(load(config_path), 30.0) == ["svc"]
+        assert removed.in_flight == 1
+        assert await deliverer.stop(0.3) == 1
+        assert removed.in_flight == 0
+    answer.set()
+
+
+async def test_a_failed_read_of_a_saved_pause_is_tried_again(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target was paused before the restart; the first read of its saved pause fails
+    (a passing journal error): the lane reads it again and stays paused, instead of
+    starting open and sending its backlog into the paused target."""
+    monkeypatch.setattr(delivery_module, "LANE_BACKOFF_S", 0.1)
+    async with open_journal(tmp_path / "relay.db", "normal") as journal:
+        until_ms = int(time.time() * 1000) + 3_600_000
+        await journal.save_target("svc", SavedPause(3, 1, until_ms, "HTTP 503"))
+        assert await journal.append(new_event(1)) is None
+        real_load, reads = journal.load_target, []
+
+        async def flaky_load(name: str) -> SavedPause | None:
+            reads.append(name)
+            if len(reads) == 1:
+                raise JournalError("database is locked")
+            return await real_load(name)
+
+        journal.load_target = flaky_load  # type: ignore[method-assign]
+        settings = 'pause_after = 1\nretry = { first = "60s", max = "1h" }'
+        async with delivering(tmp_path, receiver.url, journal, settings=settings) as deliverer:
+            await eventually(lambda: len(reads) == 2)
+            lane = deliverer.lanes["svc"]
+            await eventually(lambda: lane.pause.state == "paused")
+            assert receiver.requests == []
+
+
+async def test_a_url_changed_while_the_saved_pause_is_read_is_probed_at_once(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """Paused before the restart with an hour left; a reload moves the target to a new URL
+    while the lane is still reading its saved pause: the new URL is probed at once, as for
+    a running paused target."""
+    new = await Receiver().start()
+    try:
+        async with open_journal(tmp_path / "relay.db", "normal") as journal:
+            until_ms = int(time.time() * 1000) + 3_600_000
+            await journal.save_target("svc", SavedPause(3, 1, until_ms, "HTTP 503"))
+            assert await journal.append(new_event(1)) is None
+            real_load = journal.load_target
+            loading, release = asyncio.Event(), asyncio.Event()
+
+            async def held_load(name: str) -> SavedPause | None:
+                loading.set()
+                await release.wait()
+                return await real_load(name)
+
+            journal.load_target = held_load  # type: ignore[method-assign]
+            settings = 'pause_after = 1\nretry = { first = "60s", max = "1h" }'
+            async with delivering(tmp_path, receiver.url, journal, settings=settings) as deliverer:
+                await loading.wait()
+                await deliverer.reconfigure(rewritten(tmp_path, receiver.url, new.url), 1.0)
+                release.set()
+                await eventually(lambda: len(new.requests) == 1)
+    finally:
+        await new.stop()
+
+
+async def test_a_replay_into_an_ordered_queue_goes_before_a_head_waiting_for_its_slot(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """An ordered target sends in arrival order: a replayed delivery older than the head
+    that is waiting for its rate-limit slot goes first (the lane reads its queue again),
+    not after it."""
+    async with open_journal(tmp_path / "relay.db", "normal") as journal:
+        settings = 'ordered = true\nrate_limit = "1/s"'
+        async with delivering(tmp_path, receiver.url, journal, settings=settings) as deliverer:
+            oldest, head, last = new_event(0, ""), new_event(1, ""), new_event(2, "")
+            for event in (oldest, head, last):
+                assert await journal.append(event) is None
+                deliverer.accepted(event)
+            await eventually(lambda: len(receiver.requests) == 2)  # oldest, then head...
+            lane = deliverer.lanes["svc"]
+            waiting = last.deliveries[0].id
+            await eventually(lambda: waiting in lane._held)  # ...and `last` awaits its slot
+            now_ms = time.time_ns() // 1_000_000
+            again = Replay(statuses=("delivered",), event_id=oldest.id)
+            replayed = await journal.requeue(again, {"svc"}, now_ms)
+            assert replayed is not None
+            deliverer.notify(replayed.targets)
+            await eventually(lambda: len(receiver.requests) == 4)
+            assert receiver.event_ids() == [oldest.id, head.id, oldest.id, last.id]
