@@ -575,25 +575,8 @@ class Lane:
             self.in_flight -= 1
         elapsed_ms = (time.perf_counter() - started) * 1000
         decided_at_s = time.time()
-        if result.refused:
-            outcome = policy.Outcome.DEAD
-        elif target.is_log and result.error is None:
-            outcome = policy.Outcome.DELIVERED
-        else:
-            outcome = policy.classify(result.status, target.retry_on)
-        step = policy.next_step(
-            outcome=outcome,
-            attempt=attempt - delivery.replay_base,  # a replay restarts the retry budget
-            retry=target.retry,
-            received_at_s=delivery.created_at_ms / 1000,
-            now_s=decided_at_s,
-            jitter=random.random(),
-            failure=result.failure,
-            retry_after_s=policy.retry_after_for(result.status, result.retry_after, decided_at_s),
-        )
         old_endpoint = _endpoint(target) != _endpoint(self.target)  # a reload moved it since
-        if step.outcome is policy.Outcome.RETRY and old_endpoint:
-            step.next_at_s = decided_at_s  # the new endpoint has not been tried: at once
+        outcome, step = _decide(delivery, target, result, decided_at_s, old_endpoint)
         record = AttemptRecord(
             delivery_id=delivery.id,
             event_id=delivery.event_id,
@@ -826,6 +809,35 @@ class Lane:
             remaining_s = max(0.0, deadline - time.monotonic())
             await asyncio.wait(set(self._recording), timeout=remaining_s)
         return len(cut)
+
+
+def _decide(
+    delivery: DueDelivery,
+    target: TargetConfig,
+    result: AttemptResult,
+    now_s: float,
+    old_endpoint: bool,
+) -> tuple[policy.Outcome, policy.Step]:
+    """What an attempt's result means (`target` as the attempt used it), and what next."""
+    if result.refused:
+        outcome = policy.Outcome.DEAD
+    elif target.is_log and result.error is None:
+        outcome = policy.Outcome.DELIVERED
+    else:
+        outcome = policy.classify(result.status, target.retry_on)
+    step = policy.next_step(
+        outcome=outcome,
+        attempt=delivery.attempts + 1 - delivery.replay_base,  # a replay restarts the budget
+        retry=target.retry,
+        received_at_s=delivery.created_at_ms / 1000,
+        now_s=now_s,
+        jitter=random.random(),
+        failure=result.failure,
+        retry_after_s=policy.retry_after_for(result.status, result.retry_after, now_s),
+    )
+    if step.outcome is policy.Outcome.RETRY and old_endpoint:
+        step.next_at_s = now_s  # a reload moved the target since: the new one, at once
+    return outcome, step
 
 
 def _endpoint(target: TargetConfig) -> tuple[str, str]:
