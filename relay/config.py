@@ -147,15 +147,13 @@ def _kind(value: object) -> str:
     return type(value).__name__
 
 
-class DurationTooLong(ValueError):
-    """A well-formed duration over `MAX_DURATION_S`."""
-
-
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, *, capped: bool = True) -> float:
     """Seconds in a duration string: "250ms", "10s", "5m", "2h", "7d", "1h30m", or "0".
 
     Raises ValueError (with a one-line message) for anything else, numbers included,
-    and for a duration longer than `MAX_DURATION_S` (100 years).
+    and, when `capped`, for a duration longer than `MAX_DURATION_S` (100 years: what the
+    config takes; a replay's `since` has bounds of its own). Uncapped, a huge one may
+    be `inf`.
     """
     if not isinstance(text, str):
         raise ValueError(f'expected a duration like "10s", got {_kind(text)}')
@@ -170,8 +168,8 @@ def parse_duration(text: str) -> float:
         (Decimal(m[1]) * _DURATION_UNITS[m[2]] for m in _DURATION_PART.finditer(stripped)),
         Decimal(0),
     )
-    if total > MAX_DURATION_S:
-        raise DurationTooLong(f'duration "{text}" is too long: at most 100 years ("36500d")')
+    if capped and total > MAX_DURATION_S:
+        raise ValueError(f'duration "{text}" is too long: at most 100 years ("36500d")')
     return float(total)
 
 

@@ -203,10 +203,10 @@ class Reloader:
 
     async def reload(self) -> tuple[bool, list[str]]:
         if self._running.deliverer.stopping:  # `relay reload` while the daemon stops
-            return _refused_while_stopping()
+            return self._refused_while_stopping()
         async with self._lock:
             if self._running.deliverer.stopping:  # it began while this one waited
-                return _refused_while_stopping()
+                return self._refused_while_stopping()
             monotonic_usec, stopping = time.monotonic_ns() // 1000, False
             self._notifier.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
             outcome: tuple[bool, list[str]] | None = None  # None: the reload raised
@@ -221,6 +221,11 @@ class Reloader:
                     address = self._running.inbound.address
                     status = reload_status(outcome, str(address))
                     self._notifier.send("READY=1", "STATUS=" + status)
+
+    def _refused_while_stopping(self) -> tuple[bool, list[str]]:
+        log.error("config.reload_failed", errors=[STOPPING_REFUSAL])
+        self._running.metrics.config_reloads.inc("failed")
+        return False, [STOPPING_REFUSAL]
 
     async def _reload(self) -> tuple[bool, list[str]]:
         old = self._running.config
@@ -260,11 +265,6 @@ class Reloader:
         # and no reload in between (the lock), which could re-add one during the sweep.
         async with self._lock:
             await _sweep_removed(self._running, gone_routes)
-
-
-def _refused_while_stopping() -> tuple[bool, list[str]]:
-    log.error("config.reload_failed", errors=[STOPPING_REFUSAL])
-    return False, [STOPPING_REFUSAL]
 
 
 def reload_status(outcome: tuple[bool, list[str]] | None, address: str) -> str:

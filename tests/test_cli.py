@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -473,12 +475,21 @@ def test_run_with_a_port_in_use_exits_1(tmp_path: Path, taken: str) -> None:
     assert "relay.started" not in result.stdout
 
 
-def test_run_on_a_journal_that_cannot_be_opened_exits_1_with_one_line(tmp_path: Path) -> None:
-    """A journal file that is not SQLite (or a folder relay may not write) stops `relay run`
-    with one line naming the file and SQLite's reason, not a traceback."""
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [("notadb.db", "file is not a database"), ("other.db", "no such column: received_at_ms")],
+)
+def test_run_on_a_journal_that_cannot_be_opened_exits_1_with_one_line(
+    tmp_path: Path, name: str, reason: str
+) -> None:
+    """A journal file that is not SQLite, or a SQLite file of something else (its tables
+    do not fit), stops `relay run` with one line naming the file and SQLite's reason,
+    not a traceback."""
     (tmp_path / "notadb.db").write_bytes(b"not a database, just text\n" * 200)
+    with contextlib.closing(sqlite3.connect(tmp_path / "other.db")) as conn, conn:
+        conn.execute("CREATE TABLE events (id TEXT)")  # another program's `events`
     text = (
-        '[server]\nlisten = "127.0.0.1:0"\nadmin = "127.0.0.1:0"\njournal = "notadb.db"\n'
+        f'[server]\nlisten = "127.0.0.1:0"\nadmin = "127.0.0.1:0"\njournal = "{name}"\n'
         '[sources.app]\n[targets.out]\nurl = "log:"\n'
         '[[routes]]\nname = "r"\nsource = "app"\ntargets = ["out"]\n'
     )
@@ -486,7 +497,7 @@ def test_run_on_a_journal_that_cannot_be_opened_exits_1_with_one_line(tmp_path: 
     result = relay("run", "-c", "j.toml", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        f"relay: journal: {tmp_path / 'notadb.db'}: cannot open it: file is not a database"
+        f"relay: journal: {tmp_path / name}: cannot open it: {reason}"
     ]
 
 

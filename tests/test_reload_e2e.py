@@ -453,8 +453,9 @@ async def test_a_url_fixed_while_the_probe_of_the_old_one_is_in_flight_is_tried_
 async def test_a_reload_asked_for_while_relay_stops_is_refused(
     tmp_path: Path, daemons: DaemonFactory, receivers: ReceiverFactory
 ) -> None:
-    """`relay reload` (the admin API) after SIGTERM is refused with a reason; the stop goes
-    on and ends with exit 0 (found by review: a lane added then broke the stop)."""
+    """`relay reload` (the admin API) after SIGTERM is refused with a reason and counted as
+    a failed reload; the stop goes on and ends with exit 0 (found by review: a lane added
+    then broke the stop)."""
     a, b = await receivers(), await receivers()
     a.gate = asyncio.Event()
     port = free_port()
@@ -470,6 +471,11 @@ async def test_a_reload_asked_for_while_relay_stops_is_refused(
     ):
         answer = await response.json()
     assert answer == {"ok": False, "errors": ["relay is stopping: the reload is not applied"]}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(daemon.admin_url("/metrics")) as response,
+    ):
+        assert 'relay_config_reloads_total{result="failed"} 1.0' in await response.text()
     a.gate.set()
     assert await daemon.wait() == 0
     assert await daemon.wait_log("relay.stopped") is not None
