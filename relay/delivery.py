@@ -300,9 +300,10 @@ class Lane:
     def retarget(self, target: TargetConfig) -> bool:
         """A reload's new settings, from the next attempt on (in-flight ones finish as they
         are). A paused target whose requests change probes at once. True when the endpoint
-        changed (url, method): then `drain` makes its scheduled retries due, and a failure
-        of an attempt to the old endpoint is retried at once and does not count toward a
-        pause (a Retry-After of the same endpoint still holds when only headers change)."""
+        changed (url, method): then `drain` makes its scheduled retries due, and the result
+        of an attempt to the old endpoint does not count for the pause, a failure being
+        retried at once (a Retry-After of the same endpoint still holds when only headers
+        change)."""
         old, self.target = self.target, target
         self._window = max(16, 4 * target.concurrency)
         if (old.ordered, old.order_key) != (target.ordered, target.order_key):
