@@ -202,10 +202,8 @@ class Reloader:
         self._sweeps: set[asyncio.Task[None]] = set()
 
     async def reload(self) -> tuple[bool, list[str]]:
-        if self._running.deliverer.stopping:  # `relay reload` while the daemon stops
-            return self._refused_while_stopping()
         async with self._lock:
-            if self._running.deliverer.stopping:  # it began while this one waited
+            if self._running.deliverer.stopping:  # asked for, or waiting, when the stop began
                 return self._refused_while_stopping()
             monotonic_usec, stopping = time.monotonic_ns() // 1000, False
             self._notifier.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
